@@ -1,0 +1,1 @@
+"""Ray orchestration and I/O for pretokenization."""

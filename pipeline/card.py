@@ -1,0 +1,75 @@
+"""The dataset card (``OUT/README.md``) that makes ``datasets.load_dataset(OUT)`` work."""
+from __future__ import annotations
+
+from .layout import OutputLayout
+from .ledger import Ledger
+from .manifest import run_fingerprint
+from .writer import write_text_atomic
+
+
+def render_card(manifest: dict, counts: dict[str, dict]) -> str:
+    """``counts``: split -> {"shards", "done", "rows", "skipped"} (they also keep ``datasets``'
+    cache from serving an older state of the same folder)."""
+    tok = manifest["tokenizer"]
+    tr = manifest["transform"]
+    splits = sorted(manifest["splits"])
+    files = "\n".join(f"  - split: {s}\n    path: data/{s}-*.parquet" for s in splits)
+    labels = manifest.get("label_names")
+    rows = "\n".join(
+        f"| {s} | {c['done']}/{c['shards']} | {c['rows']} | {c['skipped']} |" for s, c in sorted(counts.items())
+    )
+    return f"""---
+configs:
+- config_name: default
+  data_files:
+{files}
+tags:
+- image-tokens
+- pretok
+---
+# Image tokens ({tok['family']} `{tok['name']}`)
+
+Pre-tokenized with pretok: every row holds `tokens`
+[{tr['num_views']} view(s) x {tok['num_tokens']} ids], uint16 ids in [0, {tok['codebook_size']}),
+{'ordered (every prefix is a coarser code)' if tok['ordered'] else 'unordered'}.
+
+| | |
+|---|---|
+| tokenizer fingerprint | `{tok['fingerprint']}` |
+| image transform | {tr['resolution']} px, views `{tr['views']}`, {tr['resize']}, {tr['crop']} crop |
+| precision | {manifest['precision']} |
+| splits | {', '.join(splits)} |
+| labels | {f'{len(labels)} classes' if labels else 'none or unnamed'} |
+
+| split | shards done | rows | skipped inputs |
+|---|---|---|---|
+{rows}
+
+```python
+from datasets import load_dataset
+ds = load_dataset("path/to/this/folder", split="{splits[0]}")
+```
+`pretok.json` holds the full manifest; `stats/` has per-shard counts and every skipped key with its reason.
+"""
+
+
+def split_counts(root: str, manifest: dict, storage_options: dict | None = None) -> dict[str, dict]:
+    """Done shards, rows and skips of every split in the manifest, from the ledger."""
+    counts = {}
+    for split, info in manifest["splits"].items():
+        layout = OutputLayout(root, split, info["num_shards"])
+        done = Ledger.read(layout, run_fingerprint(manifest, split), storage_options).done.values()
+        counts[split] = {
+            "shards": info["num_shards"],
+            "done": len(done),
+            "rows": sum(s.rows_written for s in done),
+            "skipped": sum(len(s.skipped) for s in done),
+        }
+    return counts
+
+
+def write_card(layout: OutputLayout, manifest: dict, storage_options: dict | None = None) -> dict[str, dict]:
+    """Write OUT/README.md; returns the per-split counts it shows."""
+    counts = split_counts(layout.root, manifest, storage_options)
+    write_text_atomic(layout.card_path, render_card(manifest, counts), storage_options)
+    return counts

@@ -1,0 +1,250 @@
+"""The driver: list shards, check the output, feed pending shards to encoder actors, reconcile.
+
+Exactly-once output comes from three rules: one output file per input shard (named by its index),
+atomic commits (data, then stats), and a ledger that treats a shard as done only when both agree.
+A rerun therefore skips finished shards without reading them and redoes the rest; a failed shard
+is retried on another actor; an actor that dies is replaced.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from tqdm import tqdm
+
+from tokenizer.transform import ImageTransform
+
+from .actor import EncoderActor
+from .card import write_card
+from .encode import ShardJob
+from .layout import OutputLayout
+from .ledger import Ledger, ShardStats, redact_url
+from .manifest import TokenizerInfo, build_manifest, prepare_output, run_fingerprint
+from .records import InputShard
+from .schema import TokenSchema
+from .sources import list_source
+
+log = logging.getLogger("pretok")
+
+
+@dataclass(frozen=True)
+class PretokenizeConfig:
+    input: str
+    output: str
+    tokenizer: str
+    format: str = "auto"
+    split: str = "train"
+    resolution: int | None = None       # default: the tokenizer's image size
+    views: str = "center"
+    batch_size: int = 64
+    actors: int | None = None           # default: one per GPU share, or CPUs/4 without GPUs
+    gpus_per_actor: float = 1.0
+    cpus_per_actor: float | None = None  # default: the cluster's CPUs split over the actors
+    precision: str = "fp32"
+    max_retries: int = 3
+    images_per_shard: int = 1000        # imagefolder chunking
+    storage_options: dict | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class RunSummary:
+    output: str
+    split: str
+    shards_total: int
+    shards_skipped_done: int
+    shards_written: int
+    shards_failed: list[dict] = field(default_factory=list)
+    rows_in: int = 0
+    rows_written: int = 0
+    rows_skipped: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.shards_failed
+
+    def describe(self) -> str:
+        rate = self.rows_in / self.seconds if self.seconds else 0.0
+        lines = [
+            f"output   {self.output} (split {self.split})",
+            f"shards   {self.shards_total} total: {self.shards_skipped_done} already done, "
+            f"{self.shards_written} written now, {len(self.shards_failed)} failed",
+            f"rows     {self.rows_in} in = {self.rows_written} written + {self.rows_skipped} skipped (all done shards)",
+            f"time     {self.seconds:.1f} s this run ({rate:.1f} img/s)",
+        ]
+        lines += [f"FAILED   shard {f['index']}: {f['error']}" for f in self.shards_failed]
+        return "\n".join(lines)
+
+
+@dataclass
+class _Plan:
+    actors: int
+    gpus_per_actor: float
+    cpus_per_actor: float
+
+
+def _plan(cfg: PretokenizeConfig) -> _Plan:
+    res = ray.cluster_resources()
+    gpus, cpus = res.get("GPU", 0.0), res.get("CPU", 1.0)
+    if gpus >= cfg.gpus_per_actor > 0:
+        n = cfg.actors or max(1, int(gpus / cfg.gpus_per_actor))
+        gpa = cfg.gpus_per_actor
+    else:
+        n, gpa = cfg.actors or max(1, int(cpus // 4)), 0.0
+    cpa = cfg.cpus_per_actor if cfg.cpus_per_actor is not None else max(0.25, min(8.0, cpus / n))
+    return _Plan(n, gpa, cpa)
+
+
+def _ensure_ray() -> bool:
+    """Connect to RAY_ADDRESS or start a local cluster; True when this call started it."""
+    if ray.is_initialized():
+        return False
+    ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    return True
+
+
+class _Pool:
+    """Encoder actors, replaced when they die."""
+
+    def __init__(self, plan: _Plan, tokenizer: str, fingerprint: str, job: ShardJob):
+        self.plan = plan
+        self._args = (tokenizer, fingerprint, job, max(1, int(plan.cpus_per_actor)))
+        self.actors = [self._new() for _ in range(plan.actors)]
+
+    def _new(self):
+        return EncoderActor.options(
+            num_gpus=self.plan.gpus_per_actor, num_cpus=self.plan.cpus_per_actor, max_concurrency=2
+        ).remote(*self._args)
+
+    def replace(self, i: int) -> None:
+        ray.kill(self.actors[i], no_restart=True)
+        self.actors[i] = self._new()
+
+    def progress(self) -> list[int | None]:
+        refs = [a.progress.remote() for a in self.actors]
+        out: list[int | None] = []
+        for r in refs:
+            try:
+                out.append(ray.get(r, timeout=2))
+            except (GetTimeoutError, RayActorError):
+                out.append(None)
+        return out
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+
+
+def run_pretokenize(cfg: PretokenizeConfig) -> RunSummary:
+    """Run (or resume) one split; returns counts. Raises before writing anything on bad input."""
+    start = time.time()
+    so = cfg.storage_options
+    tok = TokenizerInfo.from_checkpoint(cfg.tokenizer, so)
+    resolution = cfg.resolution or tok.image_size
+    if resolution != tok.image_size:
+        raise ValueError(f"--resolution {resolution} does not match the tokenizer's image size {tok.image_size}")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, not {cfg.precision!r}")
+    transform = ImageTransform(resolution, cfg.views)
+    listing = list_source(cfg.input, cfg.format, so, cfg.images_per_shard)
+    layout = OutputLayout(cfg.output, cfg.split, len(listing.shards))
+    manifest = prepare_output(layout, build_manifest(tok, transform, cfg.precision, listing, cfg.split), cfg.overwrite, so)
+    fp = run_fingerprint(manifest, cfg.split)
+    done = Ledger.read(layout, fp, so).done
+    pending = [s for s in listing.shards if s.index not in done]
+    summary = RunSummary(redact_url(cfg.output), cfg.split, len(listing.shards), len(done), 0)
+    if pending:
+        schema = TokenSchema(
+            tok.num_tokens, transform.num_views, listing.has_labels,
+            tuple(listing.label_names) if listing.label_names else None, listing.has_captions,
+        )
+        started = _ensure_ray()
+        try:
+            plan = _plan(cfg)
+            job = ShardJob(layout, schema, manifest, fp, transform, cfg.batch_size, cfg.precision,
+                           max(1, round(plan.cpus_per_actor)), so)
+            new, failed = _distribute(pending, _Pool(plan, cfg.tokenizer, tok.fingerprint, job), cfg)
+        finally:
+            if started:
+                ray.shutdown()
+        done.update(new)
+        summary.shards_written, summary.shards_failed = len(new), failed
+    write_card(layout, manifest, so)
+    for s in done.values():
+        summary.rows_in += s.rows_in
+        summary.rows_written += s.rows_written
+        summary.rows_skipped += len(s.skipped)
+    summary.seconds = time.time() - start
+    return summary
+
+
+def _distribute(
+    pending: list[InputShard], pool: _Pool, cfg: PretokenizeConfig
+) -> tuple[dict[int, ShardStats], list[dict]]:
+    queue = collections.deque(pending)
+    attempts: collections.Counter[int] = collections.Counter()
+    last_actor: dict[int, int] = {}
+    inflight: dict = {}
+    idle = list(range(len(pool.actors)))
+    done: dict[int, ShardStats] = {}
+    failed: list[dict] = []
+    images = skipped = 0
+    seen = [0] * len(pool.actors)
+    bar = tqdm(total=len(pending), unit="shard", desc="pretokenize", disable=not cfg.progress, dynamic_ncols=True)
+    t0 = time.time()
+
+    def take_for(actor: int) -> InputShard:
+        for i, shard in enumerate(queue):  # prefer a shard that did not just fail on this actor
+            if last_actor.get(shard.index) != actor or len(pool.actors) == 1:
+                del queue[i]
+                return shard
+        return queue.popleft()
+
+    def retry(shard: InputShard, actor: int, error: str) -> None:
+        attempts[shard.index] += 1
+        last_actor[shard.index] = actor
+        if attempts[shard.index] <= cfg.max_retries:
+            log.warning("shard %d failed (attempt %d), retrying on another actor: %s", shard.index, attempts[shard.index], error)
+            queue.appendleft(shard)
+        else:
+            failed.append({"index": shard.index, "input": redact_url(shard.url), "error": error})
+
+    try:
+        while queue or inflight:
+            while idle and queue:
+                a = idle.pop(0)
+                shard = take_for(a)
+                inflight[pool.actors[a].run.remote(shard, attempts[shard.index] + 1)] = (a, shard)
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+            for ref in ready:
+                a, shard = inflight.pop(ref)
+                try:
+                    stats = ray.get(ref)
+                except RayActorError as e:
+                    pool.replace(a)
+                    seen[a] = 0
+                    retry(shard, a, f"encoder actor died: {type(e).__name__}")
+                except RayTaskError as e:
+                    retry(shard, a, f"{type(e.cause).__name__}: {e.cause}")
+                else:
+                    done[shard.index] = stats
+                    skipped += len(stats.skipped)
+                    bar.update(1)
+                idle.append(a)
+            for i, p in enumerate(pool.progress()):
+                if p is not None:
+                    images += max(0, p - seen[i])
+                    seen[i] = p
+            rate = images / max(1e-9, time.time() - t0)
+            bar.set_postfix_str(f"{images} img, {rate:.1f} img/s, {skipped} skipped, {len(failed)} failed")
+    finally:
+        bar.close()
+        pool.shutdown()
+    return done, failed
+

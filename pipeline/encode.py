@@ -1,0 +1,107 @@
+"""One shard, start to finish: read -> decode (thread pool) -> encode (device) -> write -> commit.
+
+Ray-free, so the same code runs in an encoder actor, in a test, or in the benchmark's baseline.
+Decoding of batch i+1 runs on the thread pool while the device encodes batch i. Batches are cut
+in shard order with a fixed size, so the tokens of a shard do not depend on timing or retries.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tokenizer.base import ImageTokenizer
+from tokenizer.transform import ImageTransform
+
+from .decode import decode_record
+from .layout import OutputLayout
+from .ledger import ShardStats, redact_url
+from .records import DecodedImage, InputShard, Record, SkippedRecord
+from .schema import TokenSchema
+from .sources import iter_records
+from .writer import ShardWriter
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything a worker needs to produce one output shard (picklable for Ray)."""
+
+    layout: OutputLayout
+    schema: TokenSchema
+    manifest: dict
+    run_fingerprint: str
+    transform: ImageTransform
+    batch_size: int = 64
+    precision: str = "fp32"
+    decode_threads: int = 2
+    storage_options: dict | None = None
+
+
+def _batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
+    it = iter(records)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
+
+
+def encode_views(tok: ImageTokenizer, images: list[DecodedImage], precision: str) -> np.ndarray:
+    """uint16 tokens [B,V,N] for decoded images (all views of a batch in one device call)."""
+    views = np.concatenate([d.views for d in images])  # [B*V,3,R,R]
+    x = torch.from_numpy(views)
+    if tok.device.type == "cuda":
+        x = x.pin_memory()
+    ids = tok.encode_uint8(x, precision=precision).numpy()
+    return ids.reshape(len(images), -1, ids.shape[-1])
+
+
+def encode_shard(
+    tok: ImageTokenizer,
+    shard: InputShard,
+    job: ShardJob,
+    on_progress: Callable[[int], None] = lambda n: None,
+    worker: dict | None = None,
+) -> ShardStats:
+    """Tokenize ``shard`` into its output file and commit it with its stats."""
+    start = time.time()
+    writer = ShardWriter(job.layout, shard.index, job.schema, job.manifest, job.storage_options)
+    skipped: list[dict] = []
+    rows_in = 0
+
+    def decode(record: Record) -> DecodedImage | SkippedRecord:
+        return decode_record(record, job.transform)
+
+    try:
+        with ThreadPoolExecutor(max(1, job.decode_threads), thread_name_prefix="decode") as pool:
+            batches = _batches(iter_records(shard, job.storage_options), job.batch_size)
+            ahead: list[Future] | None = None
+            for batch in itertools.chain(batches, [None]):
+                submitted = [pool.submit(decode, r) for r in batch] if batch is not None else None
+                if ahead is not None:
+                    results = [f.result() for f in ahead]
+                    rows_in += len(results)
+                    good = [r for r in results if isinstance(r, DecodedImage)]
+                    skipped += [{"key": r.key, "reason": r.reason} for r in results if isinstance(r, SkippedRecord)]
+                    if good:
+                        writer.write(good, encode_views(tok, good, job.precision))
+                    on_progress(len(results))
+                ahead = submitted
+        stats = ShardStats(
+            index=shard.index,
+            shard=job.layout.shard_name(shard.index),
+            input_url=redact_url(shard.url),
+            input_bytes=shard.size,
+            rows_in=rows_in,
+            rows_written=writer.rows,
+            skipped=skipped,
+            run_fingerprint=job.run_fingerprint,
+            seconds=round(time.time() - start, 3),
+            worker=worker or {},
+        )
+        return writer.commit(stats)
+    except BaseException:
+        writer.abort()
+        raise

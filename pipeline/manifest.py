@@ -1,0 +1,138 @@
+"""``pretok.json``: what an output dataset was made with, and the check that a run may add to it."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import metadata
+
+from tokenizer.checkpoint import read_checkpoint
+from tokenizer.loading import build_tokenizer
+from tokenizer.transform import ImageTransform
+
+from .layout import OutputLayout, filesystem
+from .ledger import redact_url
+from .records import SourceListing
+from .writer import write_text_atomic
+
+FORMAT_VERSION = 1
+
+
+class ManifestMismatch(RuntimeError):
+    """The output already holds tokens made differently; refused unless ``--overwrite``."""
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    family: str
+    name: str
+    fingerprint: str
+    num_tokens: int
+    codebook_size: int
+    ordered: bool
+    image_size: int
+
+    @classmethod
+    def from_checkpoint(cls, src: str, storage_options: dict | None = None) -> "TokenizerInfo":
+        """Fingerprint and shape of a checkpoint without allocating the model's weights."""
+        import torch
+
+        ckpt = read_checkpoint(src, storage_options)
+        with torch.device("meta"):
+            model = build_tokenizer(ckpt.config, parts="encoder")
+        return cls(
+            family=model.family,
+            name=redact_url(src).rstrip("/").rsplit("/", 1)[-1],
+            fingerprint=ckpt.fingerprint,
+            num_tokens=model.num_tokens,
+            codebook_size=model.codebook_size,
+            ordered=model.ordered,
+            image_size=model.image_size,
+        )
+
+
+def _software() -> dict[str, str]:
+    out = {}
+    for pkg in ("pretok", "torch", "pyarrow", "ray", "pillow", "datasets"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def build_manifest(
+    tok: TokenizerInfo, transform: ImageTransform, precision: str, listing: SourceListing, split: str
+) -> dict:
+    shard_list = [[s.index, redact_url(s.url), s.size, list(s.members)] for s in listing.shards]
+    return {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": tok.__dict__.copy(),
+        "transform": transform.describe(),
+        "precision": precision,
+        "label_names": list(listing.label_names) if listing.label_names else None,
+        "splits": {
+            split: {
+                "input": redact_url(listing.url),
+                "format": listing.format,
+                "num_shards": len(listing.shards),
+                "shard_list_sha256": _sha(shard_list),
+            }
+        },
+        "software": _software(),
+    }
+
+
+def run_fingerprint(manifest: dict, split: str) -> str:
+    """Identity of the tokens one split holds: tokenizer, transform, precision and its inputs.
+
+    Software versions are recorded but not compared, so an upgrade does not block a resume.
+    """
+    return _sha([manifest["tokenizer"]["fingerprint"], manifest["transform"], manifest["precision"],
+                 split, manifest["splits"][split]])
+
+
+def _mismatch(old: dict, new: dict, split: str) -> list[str]:
+    diffs = []
+    if old.get("tokenizer", {}).get("fingerprint") != new["tokenizer"]["fingerprint"]:
+        diffs.append(f"tokenizer {old.get('tokenizer', {}).get('name')} -> {new['tokenizer']['name']} (fingerprint differs)")
+    for field in ("transform", "precision", "label_names"):
+        if old.get(field) != new[field]:
+            diffs.append(f"{field}: {old.get(field)} -> {new[field]}")
+    if split in old.get("splits", {}) and old["splits"][split] != new["splits"][split]:
+        diffs.append(f"split {split!r} input: {old['splits'][split]} -> {new['splits'][split]}")
+    return diffs
+
+
+def prepare_output(
+    layout: OutputLayout, manifest: dict, overwrite: bool, storage_options: dict | None = None
+) -> dict:
+    """Write (or merge into) ``pretok.json`` before any shard; refuse a differing run.
+
+    With ``overwrite``, previous data, stats and staging files are removed first.
+    Returns the manifest now on disk.
+    """
+    fs, _ = filesystem(layout.root, storage_options)
+    old = None
+    if fs.exists(layout.manifest_path):
+        old = json.loads(fs.cat_file(layout.manifest_path))
+    if old is not None and overwrite:
+        for d in (layout.data_dir, layout.stats_dir, layout.tmp_dir):
+            if fs.exists(d):
+                fs.rm(d, recursive=True)
+        old = None
+    split = next(iter(manifest["splits"]))
+    if old is not None:
+        diffs = _mismatch(old, manifest, split)
+        if diffs:
+            raise ManifestMismatch(
+                f"{redact_url(layout.root)} already holds tokens made differently: " + "; ".join(diffs)
+                + ". Use a new output folder, or --overwrite to replace its contents."
+            )
+        manifest = {**old, "splits": {**old["splits"], **manifest["splits"]}, "software": manifest["software"]}
+    write_text_atomic(layout.manifest_path, json.dumps(manifest, indent=1, sort_keys=True), storage_options)
+    return manifest
