@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--views", default="center", choices=sorted(VIEWS), help="views per image (default: center)")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default: 64)")
     p.add_argument("--actors", type=int, default=None, help="encoder actors (default: one per GPU share)")
-    p.add_argument("--gpus-per-actor", type=float, default=1.0, help="GPUs per actor, fractional allowed (default: 1)")
+    p.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="GPUs per actor, fractional allowed; 0 = CPU (default: 1 if the cluster has GPUs, else 0)")
     p.add_argument("--cpus-per-actor", type=float, default=None, help="CPUs per actor for decoding (default: split evenly)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="encoder precision (default: fp32)")
     p.add_argument("--max-retries", type=int, default=3, help="retries of a failed shard (default: 3)")

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
 from tokenizer.transform import ImageTransform
@@ -42,7 +42,7 @@ class PretokenizeConfig:
     views: str = "center"
     batch_size: int = 64
     actors: int | None = None           # default: one per GPU share, or CPUs/4 without GPUs
-    gpus_per_actor: float = 1.0
+    gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0 (CPU)
     cpus_per_actor: float | None = None  # default: the cluster's CPUs split over the actors
     precision: str = "fp32"
     max_retries: int = 3
@@ -90,13 +90,19 @@ class _Plan:
 
 
 def _plan(cfg: PretokenizeConfig) -> _Plan:
+    """Actor count and resources. ``gpus_per_actor=None``: one GPU each when the cluster has GPUs,
+    else CPU encoders. An explicit GPU share is always requested, so on an autoscaling cluster the
+    actors wait for GPU nodes instead of silently running on CPU."""
     res = ray.cluster_resources()
     gpus, cpus = res.get("GPU", 0.0), res.get("CPU", 1.0)
-    if gpus >= cfg.gpus_per_actor > 0:
-        n = cfg.actors or max(1, int(gpus / cfg.gpus_per_actor))
-        gpa = cfg.gpus_per_actor
+    gpa = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
+    if gpa > 0:
+        n = cfg.actors or max(1, int(gpus / gpa))
+        if gpus < gpa * n:
+            log.warning("the cluster has %g GPUs; %d actors x %g GPUs wait for more (use --gpus-per-actor 0 "
+                        "to encode on CPU)", gpus, n, gpa)
     else:
-        n, gpa = cfg.actors or max(1, int(cpus // 4)), 0.0
+        n = cfg.actors or max(1, int(cpus // 4))
     cpa = cfg.cpus_per_actor if cfg.cpus_per_actor is not None else max(0.25, min(8.0, cpus / n))
     return _Plan(n, gpa, cpa)
 
@@ -127,12 +133,14 @@ class _Pool:
         self.actors[i] = self._new()
 
     def progress(self) -> list[int | None]:
+        """Images done per actor; None for an actor that did not answer within 0.2 s."""
         refs = [a.progress.remote() for a in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.2)
         out: list[int | None] = []
         for r in refs:
             try:
-                out.append(ray.get(r, timeout=2))
-            except (GetTimeoutError, RayActorError):
+                out.append(ray.get(r) if r in ready else None)
+            except RayActorError:
                 out.append(None)
         return out
 

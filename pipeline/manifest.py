@@ -26,6 +26,7 @@ class ManifestMismatch(RuntimeError):
 class TokenizerInfo:
     family: str
     name: str
+    source: str        # where it was loaded from (credentials removed); informative, not compared
     fingerprint: str
     num_tokens: int
     codebook_size: int
@@ -43,6 +44,7 @@ class TokenizerInfo:
         return cls(
             family=model.family,
             name=redact_url(src).rstrip("/").rsplit("/", 1)[-1],
+            source=redact_url(src),
             fingerprint=ckpt.fingerprint,
             num_tokens=model.num_tokens,
             codebook_size=model.codebook_size,
@@ -68,7 +70,8 @@ def _sha(obj) -> str:
 def build_manifest(
     tok: TokenizerInfo, transform: ImageTransform, precision: str, listing: SourceListing, split: str
 ) -> dict:
-    shard_list = [[s.index, redact_url(s.url), s.size, list(s.members)] for s in listing.shards]
+    # Names only: fixing a corrupt input shard (new size) and rerunning must stay possible.
+    shard_list = [[s.index, redact_url(s.url), list(s.members)] for s in listing.shards]
     return {
         "format_version": FORMAT_VERSION,
         "tokenizer": tok.__dict__.copy(),

@@ -1,0 +1,64 @@
+"""Encoded image bytes -> upright RGB -> transform views, or a recorded skip with its reason.
+
+Exactness first: images are decoded at full size (no ``Image.draft`` JPEG downscaling), so the
+views are exactly ``ImageTransform`` of the full image. Truncated files are errors (Pillow's
+``LOAD_TRUNCATED_IMAGES`` stays off). Pillow's own decompression-bomb limit
+(``Image.MAX_IMAGE_PIXELS``) still applies above ``max_pixels``.
+"""
+from __future__ import annotations
+
+import io
+import re
+
+from PIL import Image
+
+from pipeline.records import DecodedImage, Record, SkippedRecord
+from tokenizer.transform import ImageTransform, to_rgb
+
+DEFAULT_MAX_PIXELS = 1 << 26  # 8192 x 8192
+
+# Skip reasons (prefixes; details follow after ": ").
+NO_IMAGE = "no image"
+EMPTY_IMAGE = "empty image"
+TOO_LARGE = "image too large"
+UNDECODABLE = "undecodable image"
+
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+_MAX_DETAIL = 200
+
+
+def _detail(e: Exception) -> str:
+    """``Class: message`` without per-process object addresses, so reasons are reproducible."""
+    return f"{type(e).__name__}: {_OBJECT_REPR.sub('<bytes>', str(e))}"[:_MAX_DETAIL]
+
+
+def decode_record(
+    record: Record, transform: ImageTransform, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> DecodedImage | SkippedRecord:
+    """Decode, convert to upright 8-bit RGB and apply ``transform``; width/height are the upright
+    original size. Missing, empty, oversized (> ``max_pixels``, checked from the header before
+    decoding) or undecodable images become a ``SkippedRecord``."""
+    if record.image is None:
+        return SkippedRecord(record.key, NO_IMAGE)
+    if not record.image:
+        return SkippedRecord(record.key, EMPTY_IMAGE)
+    try:
+        with Image.open(io.BytesIO(record.image)) as img:
+            if img.width * img.height > max_pixels:
+                return SkippedRecord(record.key, f"{TOO_LARGE}: {img.width}x{img.height}")
+            img.load()
+            upright = to_rgb(img)
+            views = transform(upright)
+    except Image.DecompressionBombError as e:
+        return SkippedRecord(record.key, f"{TOO_LARGE}: {e}")
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a per-record skip
+        return SkippedRecord(record.key, f"{UNDECODABLE}: {_detail(e)}")
+    return DecodedImage(
+        key=record.key,
+        views=views,
+        width=upright.width,
+        height=upright.height,
+        label=record.label,
+        caption=record.caption,
+        extra=record.extra,
+    )

@@ -1,0 +1,206 @@
+"""End to end on a real local Ray cluster with 2 fake GPUs: every source format, S3 in and out,
+resume, interruption, bad inputs, refusals."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from datasets import ClassLabel, load_dataset
+
+from pipeline.decode import decode_record
+from pipeline.distributor import PretokenizeConfig, run_pretokenize
+from pipeline.ledger import ShardStats
+from pipeline.manifest import ManifestMismatch
+from pipeline.records import DecodedImage
+from pipeline.sources import iter_records, list_source
+from pipeline.synthetic import write_synthetic
+from tests.titok_fixtures import write_titok_checkpoint
+from tokenizer import load_tokenizer
+from tokenizer.transform import ImageTransform
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    return str(write_titok_checkpoint("tiny_vq_single_stage", tmp_path_factory.mktemp("tok")))
+
+
+def config(inp, out, tok_dir, **kw) -> PretokenizeConfig:
+    base = dict(actors=2, gpus_per_actor=1.0, cpus_per_actor=0.5, batch_size=4, progress=False, images_per_shard=6)
+    return PretokenizeConfig(input=inp, output=out, tokenizer=tok_dir, **{**base, **kw})
+
+
+def expected_tokens(inp, tok_dir, views="center", storage_options=None) -> dict[str, np.ndarray]:
+    """key -> tokens [V,N] computed directly: the shared transform + tok.encode, no pipeline."""
+    tok = load_tokenizer(tok_dir)
+    transform = ImageTransform(tok.image_size, views)
+    out = {}
+    for shard in list_source(inp, storage_options=storage_options, images_per_shard=6).shards:
+        for rec in iter_records(shard, storage_options):
+            d = decode_record(rec, transform)
+            if isinstance(d, DecodedImage):
+                with torch.no_grad():
+                    out[d.key] = tok.encode(torch.from_numpy(d.views).float() / 255).numpy()
+    return out
+
+
+def tokens_by_key(ds) -> dict[str, np.ndarray]:
+    keys = ds["key"]
+    assert len(keys) == len(set(keys)), "duplicate keys"
+    toks = np.asarray(ds.with_format("numpy")["tokens"])
+    return dict(zip(keys, toks))
+
+
+def stats_of(out: str, split="train") -> list[ShardStats]:
+    return [ShardStats.from_json(p.read_text()) for p in sorted(Path(out, "stats").glob(f"{split}-*.json"))]
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet", "imagefolder"])
+def test_format_end_to_end(cluster, tok_dir, tmp_path, fmt):
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    info = write_synthetic(inp, fmt, num_shards=3, images_per_shard=6, num_classes=3, seed=1)
+    summary = run_pretokenize(config(inp, out, tok_dir, format=fmt, views="flip"))
+    assert summary.ok and summary.shards_written == summary.shards_total == 3
+    assert summary.rows_in == summary.rows_written == 18 and summary.rows_skipped == 0
+
+    ds = load_dataset(out, split="train", cache_dir=str(tmp_path / "hf"))
+    assert ds.num_rows == 18
+    if fmt == "webdataset":  # .cls members carry ids only
+        assert ds.features["label"].dtype == "int64"
+    else:
+        assert isinstance(ds.features["label"], ClassLabel) and ds.features["label"].names == list(info.label_names)
+    assert dict(zip(ds["key"], ds["label"])) == info.labels
+    assert ds.features["tokens"].length == 2 and ds.features["tokens"].feature.length == 8
+    got, want = tokens_by_key(ds), expected_tokens(inp, tok_dir, "flip")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert np.array_equal(got[k].astype(np.int64), want[k]), k
+    assert not any(Path(out, "_tmp").iterdir())
+    gpus = {tuple(s.worker["gpu_ids"]) for s in stats_of(out)}
+    assert len(gpus) == 2 and all(len(g) == 1 for g in gpus), gpus  # two actors, one distinct GPU each
+
+
+def test_rerun_after_completion_writes_nothing(cluster, tok_dir, tmp_path):
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    write_synthetic(inp, "webdataset", num_shards=2, images_per_shard=5, seed=2)
+    assert run_pretokenize(config(inp, out, tok_dir)).shards_written == 2
+    before = {p: p.stat().st_mtime_ns for p in Path(out).rglob("*.parquet")}
+    again = run_pretokenize(config(inp, out, tok_dir))
+    assert again.shards_written == 0 and again.shards_skipped_done == 2 and again.rows_written == 10
+    assert {p: p.stat().st_mtime_ns for p in Path(out).rglob("*.parquet")} == before
+
+
+def test_bad_images_are_skipped_or_converted(cluster, tok_dir, tmp_path):
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    info = write_synthetic(inp, "webdataset", num_shards=2, images_per_shard=4, bad=True, seed=3)
+    summary = run_pretokenize(config(inp, out, tok_dir))
+    assert summary.ok
+    skipped = {s["key"]: s["reason"] for st in stats_of(out) for s in st.skipped}
+    assert summary.rows_in == summary.rows_written + len(skipped)
+    expected_skips = {k: b.reason for k, b in info.bad.items() if b.reason}
+    assert set(skipped) == set(expected_skips), (skipped, expected_skips)
+    assert all(skipped[k].startswith(r) for k, r in expected_skips.items()), skipped
+    ds = load_dataset(out, split="train", cache_dir=str(tmp_path / "hf"))
+    written = set(ds["key"])
+    assert {k for k, b in info.bad.items() if b.reason is None} <= written
+    assert not written & set(skipped)
+
+
+def test_s3_in_and_out(cluster, tok_dir, s3, tmp_path):
+    bucket = s3.bucket()
+    inp, out = f"s3://{bucket}/in", f"s3://{bucket}/out"
+    write_synthetic(inp, "parquet", num_shards=2, images_per_shard=5, num_classes=3, seed=4, storage_options=s3.storage_options)
+    summary = run_pretokenize(config(inp, out, tok_dir, storage_options=s3.storage_options))
+    assert summary.ok and summary.rows_written == 10
+    ds = load_dataset("parquet", data_files=f"{out}/data/train-*.parquet", storage_options=s3.storage_options,
+                      split="train", cache_dir=str(tmp_path / "hf"))
+    assert isinstance(ds.features["label"], ClassLabel) and ds.num_rows == 10
+    got, want = tokens_by_key(ds), expected_tokens(inp, tok_dir, storage_options=s3.storage_options)
+    assert all(np.array_equal(got[k].astype(np.int64), want[k]) for k in want) and got.keys() == want.keys()
+    again = run_pretokenize(config(inp, out, tok_dir, storage_options=s3.storage_options))
+    assert again.shards_written == 0
+
+
+def test_driver_killed_then_rerun_matches_clean_run(cluster, tok_dir, tmp_path):
+    inp, out, clean = str(tmp_path / "in"), str(tmp_path / "out"), str(tmp_path / "clean")
+    write_synthetic(inp, "webdataset", num_shards=16, images_per_shard=24, seed=5, image_size=(320, 240))
+    cmd = [sys.executable, "-m", "jobs.pretokenize", inp, out, "--tokenizer", tok_dir, "--actors", "1",
+           "--cpus-per-actor", "0.5", "--batch-size", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "RAY_ADDRESS": cluster},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stats_dir, data_dir = Path(out, "stats"), Path(out, "data")
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(stats_dir.glob("*.json"))) < 2:
+        for f in data_dir.glob("*"):  # whatever is listed is a complete Parquet file
+            pq.ParquetFile(f).metadata
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_at_kill = len(list(stats_dir.glob("*.json")))
+    assert 2 <= done_at_kill < 16, "the kill must land mid-run"
+    for f in data_dir.glob("*"):
+        pq.ParquetFile(f).metadata
+
+    resumed = run_pretokenize(config(inp, out, tok_dir, actors=1))
+    assert resumed.ok and resumed.shards_skipped_done >= 2 and resumed.shards_written == 16 - resumed.shards_skipped_done
+    run_pretokenize(config(inp, clean, tok_dir, actors=1))
+    a = load_dataset(out, split="train", cache_dir=str(tmp_path / "hf1"))
+    b = load_dataset(clean, split="train", cache_dir=str(tmp_path / "hf2"))
+    assert a.num_rows == b.num_rows == 16 * 24
+    ta, tb = tokens_by_key(a), tokens_by_key(b)
+    assert ta.keys() == tb.keys() and all(np.array_equal(ta[k], tb[k]) for k in ta)
+    for i in range(16):  # byte-identical token columns shard by shard
+        name = f"train-{i:05d}-of-00016.parquet"
+        assert pq.read_table(Path(out, "data", name))["tokens"].equals(pq.read_table(Path(clean, "data", name))["tokens"])
+
+
+def test_other_tokenizer_is_refused_unless_overwrite(cluster, tok_dir, tmp_path):
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    write_synthetic(inp, "webdataset", num_shards=1, images_per_shard=3, seed=6)
+    run_pretokenize(config(inp, out, tok_dir, actors=1))
+    other = str(write_titok_checkpoint("tiny_vq_two_stage", tmp_path / "tok2"))
+    with pytest.raises(ManifestMismatch, match="fingerprint differs"):
+        run_pretokenize(config(inp, out, other, actors=1))
+    with pytest.raises(ManifestMismatch, match="views"):
+        run_pretokenize(config(inp, out, tok_dir, actors=1, views="flip"))
+    assert run_pretokenize(config(inp, out, other, actors=1, overwrite=True)).shards_written == 1
+
+
+def test_broken_shard_fails_after_retries_others_complete(cluster, tok_dir, tmp_path):
+    inp, out = tmp_path / "in", str(tmp_path / "out")
+    write_synthetic(str(inp), "webdataset", num_shards=3, images_per_shard=4, seed=7)
+    tars = sorted(inp.glob("*.tar"))
+    good = tars[1].read_bytes()
+    tars[1].write_bytes(good[: len(good) // 2])  # truncated mid-member
+    summary = run_pretokenize(config(str(inp), out, tok_dir, max_retries=1))
+    assert not summary.ok and [f["index"] for f in summary.shards_failed] == [1]
+    assert summary.shards_written == 2 and not Path(out, "data", "train-00001-of-00003.parquet").exists()
+    tars[1].write_bytes(good)
+    fixed = run_pretokenize(config(str(inp), out, tok_dir))
+    assert fixed.ok and fixed.shards_written == 1 and fixed.shards_skipped_done == 2
+    assert sorted(s.index for s in stats_of(out)) == [0, 1, 2]
+
+
+def test_cpu_encoders_when_no_gpu_share_is_asked(cluster, tok_dir, tmp_path):
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    write_synthetic(inp, "parquet", num_shards=1, images_per_shard=3, seed=8)
+    assert run_pretokenize(config(inp, out, tok_dir, actors=1, gpus_per_actor=0.0)).ok
+    (stats,) = stats_of(out)
+    assert stats.worker["gpu_ids"] == [] and stats.worker["device"] == "cpu"
