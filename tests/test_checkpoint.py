@@ -130,3 +130,17 @@ def test_uint8_fast_path_matches_float_encode(ckpt, io):
         tok.encode_uint8(io["image"])
     with pytest.raises(ValueError, match=r"\[B,3,64,64\]"):
         tok.encode(torch.zeros(1, 3, 32, 32))
+
+
+def test_load_from_s3(s3, ckpt, io):
+    import fsspec
+
+    url = f"s3://{s3.bucket()}/ckpts/tiny"
+    fs = fsspec.filesystem("s3", **s3.storage_options)
+    fs.put(str(ckpt) + "/", url + "/", recursive=True)
+    explicit = load_tokenizer(url, storage_options=s3.storage_options, parts="encoder")
+    from_env = load_tokenizer(url)  # endpoint and keys from the AWS_* environment
+    assert torch.equal(explicit.encode(io["image"]), io["tokens"].squeeze(1))
+    assert explicit.fingerprint == from_env.fingerprint == load_tokenizer(str(ckpt)).fingerprint
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_tokenizer(url + "-missing", storage_options=s3.storage_options)
