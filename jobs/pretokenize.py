@@ -19,6 +19,17 @@ A rerun resumes: finished shards are skipped, failed ones are redone. Exit statu
 """
 
 
+def storage_options(text: str) -> dict:
+    """``--storage-options`` parser whose errors never echo the value (it may hold keys)."""
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at character {e.pos}); value not shown") from None
+    if not isinstance(options, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pretok pretokenize",
@@ -42,8 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="encoder precision (default: fp32)")
     p.add_argument("--max-retries", type=int, default=3, help="retries of a failed shard (default: 3)")
     p.add_argument("--images-per-shard", type=int, default=1000, help="image-folder shard size (default: 1000)")
-    p.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
+    p.add_argument("--storage-options", type=storage_options, default=None, metavar="JSON",
                    help='fsspec options, e.g. \'{"endpoint_url": "http://minio:9000"}\'')
+    p.add_argument("--token-count-mse", type=float, default=None, metavar="THRESHOLD",
+                   help="ordered tokenizers (FlexTok) only: add an int32 column num_tokens_needed, the shortest id "
+                   "prefix (of 1,2,4,...,N) whose decode has MSE < THRESHOLD on the [0,1] scale (view 0). Costs up to "
+                   "ceil(log2(#candidates)) decodes per image (4 for N=256: about 320x the FLOPs of encoding with "
+                   "FlexTok d18_d28 and the default steps/guidance, see bench/RESULTS.md); off by default")
+    p.add_argument("--token-count-steps", type=int, default=20, help="Euler steps of those decodes (default: 20)")
+    p.add_argument("--token-count-guidance", type=float, default=7.5,
+                   help="guidance scale of those decodes, APG; 1 = none (default: 7.5)")
+    p.add_argument("--token-count-seed", type=int, default=0, help="seed of the per-image decode noise (default: 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an output made with another tokenizer/transform")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -56,6 +76,8 @@ def config_from_args(args: argparse.Namespace) -> PretokenizeConfig:
         gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, precision=args.precision,
         max_retries=args.max_retries, images_per_shard=args.images_per_shard,
         storage_options=args.storage_options, overwrite=args.overwrite, progress=not args.no_progress,
+        token_count_mse=args.token_count_mse, token_count_steps=args.token_count_steps,
+        token_count_guidance=args.token_count_guidance, token_count_seed=args.token_count_seed,
     )
 
 

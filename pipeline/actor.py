@@ -14,7 +14,8 @@ from .records import InputShard
 
 
 class EncoderWorker:
-    """Holds an encoder-only tokenizer; ``run`` processes one shard at a time.
+    """Holds an encoder-only tokenizer (with its decoder when the job computes token counts);
+    ``run`` processes one shard at a time.
 
     Runs as a threaded Ray actor (``max_concurrency=2``) so the driver can poll ``progress``
     while ``run`` is busy.
@@ -24,7 +25,8 @@ class EncoderWorker:
         gpu_ids = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
         device = "cuda" if gpu_ids and torch.cuda.is_available() else "cpu"
         torch.set_num_threads(max(1, torch_threads))
-        self.tok = load_tokenizer(tokenizer_src, device=device, parts="encoder", storage_options=job.storage_options)
+        parts = "encoder" if job.token_counts is None else "all"
+        self.tok = load_tokenizer(tokenizer_src, device=device, parts=parts, storage_options=job.storage_options)
         if self.tok.fingerprint != expected_fingerprint:
             raise RuntimeError(
                 f"tokenizer checkpoint changed since the run started (fingerprint {self.tok.fingerprint[:12]} "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
+from tokenizer.flextok_counts import TokenCountSettings
 from tokenizer.transform import ImageTransform
 
 from .actor import EncoderActor
@@ -29,6 +31,7 @@ from .schema import TokenSchema
 from .sources import list_source
 
 log = logging.getLogger("pretok")
+PROGRESS_EVERY_S = 0.5  # how often the driver asks the actors for their image counts
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,11 @@ class PretokenizeConfig:
     storage_options: dict | None = None
     overwrite: bool = False
     progress: bool = True
+    # Per-image ``num_tokens_needed`` column (ordered tokenizers only); None: off.
+    token_count_mse: float | None = None
+    token_count_steps: int = 20
+    token_count_guidance: float = 7.5
+    token_count_seed: int = 0
 
 
 @dataclass
@@ -111,7 +119,9 @@ def _ensure_ray() -> bool:
     """Connect to RAY_ADDRESS or start a local cluster; True when this call started it."""
     if ray.is_initialized():
         return False
-    ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    address = os.environ.get("RAY_ADDRESS") or "local"  # "local": never join a stray local cluster
+    ray.init(address=address, include_dashboard=False if address == "local" else None,
+             logging_level=logging.WARNING, log_to_driver=True)
     return True
 
 
@@ -132,10 +142,15 @@ class _Pool:
         ray.kill(self.actors[i], no_restart=True)
         self.actors[i] = self._new()
 
-    def progress(self) -> list[int | None]:
-        """Images done per actor; None for an actor that did not answer within 0.2 s."""
-        refs = [a.progress.remote() for a in self.actors]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.2)
+    def started(self, i: int):
+        """A ref that resolves once actor ``i`` is up (or has failed to start)."""
+        return self.actors[i].info.remote()
+
+    def progress(self, skip: set[int]) -> list[int | None]:
+        """Images done per actor; None for one in ``skip`` (not started) or silent for 0.2 s."""
+        refs = [None if i in skip else a.progress.remote() for i, a in enumerate(self.actors)]
+        live = [r for r in refs if r is not None]
+        ready, _ = ray.wait(live, num_returns=len(live), timeout=0.2)
         out: list[int | None] = []
         for r in refs:
             try:
@@ -159,10 +174,13 @@ def run_pretokenize(cfg: PretokenizeConfig) -> RunSummary:
         raise ValueError(f"--resolution {resolution} does not match the tokenizer's image size {tok.image_size}")
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, not {cfg.precision!r}")
+    token_counts = _token_count_settings(cfg, tok)
     transform = ImageTransform(resolution, cfg.views)
     listing = list_source(cfg.input, cfg.format, so, cfg.images_per_shard)
     layout = OutputLayout(cfg.output, cfg.split, len(listing.shards))
-    manifest = prepare_output(layout, build_manifest(tok, transform, cfg.precision, listing, cfg.split), cfg.overwrite, so)
+    manifest = build_manifest(tok, transform, cfg.precision, listing, cfg.split,
+                              token_counts.describe() if token_counts else None)
+    manifest = prepare_output(layout, manifest, cfg.overwrite, so)
     fp = run_fingerprint(manifest, cfg.split)
     done = Ledger.read(layout, fp, so).done
     pending = [s for s in listing.shards if s.index not in done]
@@ -171,12 +189,13 @@ def run_pretokenize(cfg: PretokenizeConfig) -> RunSummary:
         schema = TokenSchema(
             tok.num_tokens, transform.num_views, listing.has_labels,
             tuple(listing.label_names) if listing.label_names else None, listing.has_captions,
+            token_counts is not None,
         )
         started = _ensure_ray()
         try:
             plan = _plan(cfg)
             job = ShardJob(layout, schema, manifest, fp, transform, cfg.batch_size, cfg.precision,
-                           max(1, round(plan.cpus_per_actor)), so)
+                           max(1, round(plan.cpus_per_actor)), so, token_counts)
             new, failed = _distribute(pending, _Pool(plan, cfg.tokenizer, tok.fingerprint, job), cfg)
         finally:
             if started:
@@ -192,6 +211,20 @@ def run_pretokenize(cfg: PretokenizeConfig) -> RunSummary:
     return summary
 
 
+def _token_count_settings(cfg: PretokenizeConfig, tok: TokenizerInfo) -> TokenCountSettings | None:
+    if cfg.token_count_mse is None:
+        return None
+    if not tok.ordered:
+        raise ValueError(
+            f"--token-count-mse needs an ordered tokenizer (FlexTok), whose id prefixes decode to coarser "
+            f"images; the {tok.family} tokenizer {tok.name!r} is not ordered"
+        )
+    return TokenCountSettings.for_num_tokens(
+        tok.num_tokens, cfg.token_count_mse, timesteps=cfg.token_count_steps,
+        guidance_scale=cfg.token_count_guidance, seed=cfg.token_count_seed,
+    )
+
+
 def _distribute(
     pending: list[InputShard], pool: _Pool, cfg: PretokenizeConfig
 ) -> tuple[dict[int, ShardStats], list[dict]]:
@@ -200,12 +233,15 @@ def _distribute(
     last_actor: dict[int, int] = {}
     inflight: dict = {}
     idle = list(range(len(pool.actors)))
+    # A replacement actor gets shards once it is up: one with no room left (its node is gone) must
+    # not hold a shard that the other actors could do.
+    starting: dict = {}
     done: dict[int, ShardStats] = {}
     failed: list[dict] = []
     images = skipped = 0
     seen = [0] * len(pool.actors)
     bar = tqdm(total=len(pending), unit="shard", desc="pretokenize", disable=not cfg.progress, dynamic_ncols=True)
-    t0 = time.time()
+    t0 = polled = time.time()
 
     def take_for(actor: int) -> InputShard:
         for i, shard in enumerate(queue):  # prefer a shard that did not just fail on this actor
@@ -229,15 +265,20 @@ def _distribute(
                 a = idle.pop(0)
                 shard = take_for(a)
                 inflight[pool.actors[a].run.remote(shard, attempts[shard.index] + 1)] = (a, shard)
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+            ready, _ = ray.wait([*inflight, *starting], num_returns=1, timeout=0.5)
             for ref in ready:
+                if ref in starting:  # up, or failed to start: then its first shard fails and is retried
+                    idle.append(starting.pop(ref))
+                    continue
                 a, shard = inflight.pop(ref)
                 try:
                     stats = ray.get(ref)
                 except RayActorError as e:
                     pool.replace(a)
                     seen[a] = 0
+                    starting[pool.started(a)] = a
                     retry(shard, a, f"encoder actor died: {type(e).__name__}")
+                    continue
                 except RayTaskError as e:
                     retry(shard, a, f"{type(e.cause).__name__}: {e.cause}")
                 else:
@@ -245,7 +286,10 @@ def _distribute(
                     skipped += len(stats.skipped)
                     bar.update(1)
                 idle.append(a)
-            for i, p in enumerate(pool.progress()):
+            if time.time() - polled < PROGRESS_EVERY_S:
+                continue  # polling every actor after every shard would cost O(actors) per shard
+            polled = time.time()
+            for i, p in enumerate(pool.progress(set(starting.values()))):
                 if p is not None:
                     images += max(0, p - seen[i])
                     seen[i] = p

@@ -3,6 +3,8 @@
 Ray-free, so the same code runs in an encoder actor, in a test, or in the benchmark's baseline.
 Decoding of batch i+1 runs on the thread pool while the device encodes batch i. Batches are cut
 in shard order with a fixed size, so the tokens of a shard do not depend on timing or retries.
+With ``ShardJob.token_counts`` each row also gets ``num_tokens_needed`` (its first view's token
+count, ``tokenizer.flextok_counts``), which costs a few decodes per image on the same device.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from tokenizer.base import ImageTokenizer
+from tokenizer.flextok_counts import TokenCountSettings, count_tokens
 from tokenizer.transform import ImageTransform
 
 from .decode import decode_record
@@ -40,6 +43,19 @@ class ShardJob:
     precision: str = "fp32"
     decode_threads: int = 2
     storage_options: dict | None = None
+    token_counts: TokenCountSettings | None = None
+
+
+@dataclass(frozen=True)
+class CountedRow:
+    """The columns the writer reads from a decoded image, plus its token count."""
+
+    key: str
+    width: int
+    height: int
+    label: int | None
+    caption: str | None
+    num_tokens_needed: int
 
 
 def _batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
@@ -56,6 +72,16 @@ def encode_views(tok: ImageTokenizer, images: list[DecodedImage], precision: str
         x = x.pin_memory()
     ids = tok.encode_uint8(x, precision=precision).numpy()
     return ids.reshape(len(images), -1, ids.shape[-1])
+
+
+def with_token_counts(
+    tok: ImageTokenizer, images: list[DecodedImage], tokens: np.ndarray, settings: TokenCountSettings, precision: str
+) -> list[CountedRow]:
+    """Rows carrying the token count of each image's first view (``tokens`` uint16 [B,V,N])."""
+    views = torch.from_numpy(np.stack([d.views[0] for d in images])).to(tok.device).float().div_(255.0)
+    ids = torch.from_numpy(tokens[:, 0].astype(np.int64))
+    counts = count_tokens(tok, views, ids, [d.key for d in images], settings, precision).counts
+    return [CountedRow(d.key, d.width, d.height, d.label, d.caption, int(c)) for d, c in zip(images, counts)]
 
 
 def encode_shard(
@@ -86,7 +112,10 @@ def encode_shard(
                     good = [r for r in results if isinstance(r, DecodedImage)]
                     skipped += [{"key": r.key, "reason": r.reason} for r in results if isinstance(r, SkippedRecord)]
                     if good:
-                        writer.write(good, encode_views(tok, good, job.precision))
+                        tokens = encode_views(tok, good, job.precision)
+                        if job.token_counts is not None:
+                            good = with_token_counts(tok, good, tokens, job.token_counts, job.precision)
+                        writer.write(good, tokens)
                     on_progress(len(results))
                 ahead = submitted
         stats = ShardStats(

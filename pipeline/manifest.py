@@ -13,6 +13,7 @@ from tokenizer.transform import ImageTransform
 from .layout import OutputLayout, filesystem
 from .ledger import redact_url
 from .records import SourceListing
+from .sources.storage import storage_errors
 from .writer import write_text_atomic
 
 FORMAT_VERSION = 1
@@ -20,6 +21,10 @@ FORMAT_VERSION = 1
 
 class ManifestMismatch(RuntimeError):
     """The output already holds tokens made differently; refused unless ``--overwrite``."""
+
+
+class OutputError(OSError):
+    """The output cannot be read or written; the message names its URL, never a credential."""
 
 
 @dataclass(frozen=True)
@@ -68,8 +73,10 @@ def _sha(obj) -> str:
 
 
 def build_manifest(
-    tok: TokenizerInfo, transform: ImageTransform, precision: str, listing: SourceListing, split: str
+    tok: TokenizerInfo, transform: ImageTransform, precision: str, listing: SourceListing, split: str,
+    token_counts: dict | None = None,
 ) -> dict:
+    """``token_counts``: the settings of the ``num_tokens_needed`` column, None when it is off."""
     # Names only: fixing a corrupt input shard (new size) and rerunning must stay possible.
     shard_list = [[s.index, redact_url(s.url), list(s.members)] for s in listing.shards]
     return {
@@ -77,6 +84,7 @@ def build_manifest(
         "tokenizer": tok.__dict__.copy(),
         "transform": transform.describe(),
         "precision": precision,
+        "token_counts": token_counts,
         "label_names": list(listing.label_names) if listing.label_names else None,
         "splits": {
             split: {
@@ -91,21 +99,25 @@ def build_manifest(
 
 
 def run_fingerprint(manifest: dict, split: str) -> str:
-    """Identity of the tokens one split holds: tokenizer, transform, precision and its inputs.
+    """Identity of the tokens one split holds: tokenizer, transform, precision, token-count
+    settings (when on) and its inputs.
 
     Software versions are recorded but not compared, so an upgrade does not block a resume.
     """
-    return _sha([manifest["tokenizer"]["fingerprint"], manifest["transform"], manifest["precision"],
-                 split, manifest["splits"][split]])
+    parts = [manifest["tokenizer"]["fingerprint"], manifest["transform"], manifest["precision"],
+             split, manifest["splits"][split]]
+    if manifest.get("token_counts") is not None:  # absent or null: the fingerprint of earlier versions
+        parts.append(manifest["token_counts"])
+    return _sha(parts)
 
 
 def _mismatch(old: dict, new: dict, split: str) -> list[str]:
     diffs = []
     if old.get("tokenizer", {}).get("fingerprint") != new["tokenizer"]["fingerprint"]:
         diffs.append(f"tokenizer {old.get('tokenizer', {}).get('name')} -> {new['tokenizer']['name']} (fingerprint differs)")
-    for field in ("transform", "precision", "label_names"):
-        if old.get(field) != new[field]:
-            diffs.append(f"{field}: {old.get(field)} -> {new[field]}")
+    for field in ("transform", "precision", "token_counts", "label_names"):
+        if old.get(field) != new.get(field):
+            diffs.append(f"{field}: {old.get(field)} -> {new.get(field)}")
     if split in old.get("splits", {}) and old["splits"][split] != new["splits"][split]:
         diffs.append(f"split {split!r} input: {old['splits'][split]} -> {new['splits'][split]}")
     return diffs
@@ -119,15 +131,16 @@ def prepare_output(
     With ``overwrite``, previous data, stats and staging files are removed first.
     Returns the manifest now on disk.
     """
-    fs, _ = filesystem(layout.root, storage_options)
-    old = None
-    if fs.exists(layout.manifest_path):
-        old = json.loads(fs.cat_file(layout.manifest_path))
-    if old is not None and overwrite:
-        for d in (layout.data_dir, layout.stats_dir, layout.tmp_dir):
-            if fs.exists(d):
-                fs.rm(d, recursive=True)
+    with storage_errors("cannot read output", layout.root, storage_options, OutputError):
+        fs, _ = filesystem(layout.root, storage_options)
         old = None
+        if fs.exists(layout.manifest_path):
+            old = json.loads(fs.cat_file(layout.manifest_path))
+        if old is not None and overwrite:
+            for d in (layout.data_dir, layout.stats_dir, layout.tmp_dir):
+                if fs.exists(d):
+                    fs.rm(d, recursive=True)
+            old = None
     split = next(iter(manifest["splits"]))
     if old is not None:
         diffs = _mismatch(old, manifest, split)
@@ -137,5 +150,6 @@ def prepare_output(
                 + ". Use a new output folder, or --overwrite to replace its contents."
             )
         manifest = {**old, "splits": {**old["splits"], **manifest["splits"]}, "software": manifest["software"]}
-    write_text_atomic(layout.manifest_path, json.dumps(manifest, indent=1, sort_keys=True), storage_options)
+    with storage_errors("cannot write output", layout.root, storage_options, OutputError):
+        write_text_atomic(layout.manifest_path, json.dumps(manifest, indent=1, sort_keys=True), storage_options)
     return manifest

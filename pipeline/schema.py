@@ -16,12 +16,15 @@ class TokenSchema:
     has_labels: bool = False
     label_names: tuple[str, ...] | None = None
     has_captions: bool = False
+    has_token_counts: bool = False   # the int32 ``num_tokens_needed`` column (ordered tokenizers)
 
     def features(self) -> Features:
         cols = {
             "key": Value("string"),
             "tokens": List(List(Value("uint16"), length=self.num_tokens), length=self.num_views),
         }
+        if self.has_token_counts:
+            cols["num_tokens_needed"] = Value("int32")
         if self.has_labels:
             cols["label"] = ClassLabel(names=list(self.label_names)) if self.label_names else Value("int64")
         if self.has_captions:
@@ -37,7 +40,8 @@ class TokenSchema:
         return schema.with_metadata({**schema.metadata, b"pretok": json.dumps(manifest, sort_keys=True).encode()})
 
     def record_batch(self, schema: pa.Schema, rows: list, tokens: np.ndarray) -> pa.RecordBatch:
-        """Rows (DecodedImage-like: key, label, caption, width, height) + uint16 tokens [B,V,N]."""
+        """Rows (DecodedImage-like: key, label, caption, width, height, and ``num_tokens_needed``
+        with token counts) + uint16 tokens [B,V,N]."""
         b = len(rows)
         if tokens.shape != (b, self.num_views, self.num_tokens) or tokens.dtype != np.uint16:
             raise ValueError(f"tokens must be uint16 {(b, self.num_views, self.num_tokens)}, got {tokens.dtype} {tokens.shape}")
@@ -47,6 +51,8 @@ class TokenSchema:
             "key": pa.array([r.key for r in rows], pa.string()),
             "tokens": pa.FixedSizeListArray.from_arrays(inner, self.num_views),
         }
+        if self.has_token_counts:
+            cols["num_tokens_needed"] = pa.array([r.num_tokens_needed for r in rows], pa.int32())
         if self.has_labels:
             cols["label"] = pa.array([r.label for r in rows], pa.int64())
         if self.has_captions:

@@ -21,7 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tokenizer import CheckpointError, load_tokenizer
-from tokenizer.flextok import FlexTok, sincos_posemb_2d
+from tokenizer.flextok import FlexTok
+from tokenizer.flextok_layers import sincos_posemb_2d
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "flextok"
 STEM = "tiny_flextok"

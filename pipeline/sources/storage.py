@@ -45,18 +45,20 @@ def redact(text: str, storage_options: dict | None) -> str:
 
 
 @contextmanager
-def storage_errors(action: str, url: str, storage_options: dict | None) -> Iterator[None]:
-    """Re-raise any failure inside as ``SourceError("{action} {url}: {what went wrong}")``.
+def storage_errors(
+    action: str, url: str, storage_options: dict | None, error: type[Exception] = SourceError
+) -> Iterator[None]:
+    """Re-raise any failure inside as ``error("{action} {url}: {what went wrong}")``.
 
     The original exception is dropped (``from None``) so no unredacted text travels with it.
     """
     try:
         yield
-    except Exception as e:  # noqa: BLE001 - every failure of an input becomes one clear error
-        if isinstance(e, SourceError):
+    except Exception as e:  # noqa: BLE001 - every storage failure becomes one clear error
+        if isinstance(e, error):
             detail = str(e)
         elif isinstance(e, FileNotFoundError):
             detail = "not found"
         else:
             detail = f"{type(e).__name__}: {e}"[:_MAX_DETAIL]
-        raise SourceError(redact(f"{action} {url}: {detail}", storage_options)) from None
+        raise error(redact(f"{action} {url}: {detail}", storage_options)) from None
