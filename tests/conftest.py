@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 os.environ["RAY_AUTH_MODE"] = "disabled"  # Ray tests start local clusters without auth tokens
 
@@ -74,3 +75,12 @@ def s3(s3_server: S3Server) -> S3Server:
 def s3_bucket(s3: S3Server) -> str:
     """``s3://`` URL of a fresh, empty bucket."""
     return f"s3://{s3.bucket()}"
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """One torch thread for a module: floats bit-identical to the single-threaded references."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

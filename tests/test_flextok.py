@@ -24,6 +24,8 @@ from tokenizer import CheckpointError, load_tokenizer
 from tokenizer.flextok import FlexTok
 from tokenizer.flextok_layers import sincos_posemb_2d
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "flextok"
 STEM = "tiny_flextok"
 CONFIG = json.loads((REF / f"{STEM}.config.json").read_text())
@@ -85,13 +87,6 @@ def write_checkpoint(dest: Path, config: dict, state_dict: dict[str, torch.Tenso
     save_file(state_dict, str(dest / "model.safetensors"))
     return dest
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ from tokenizer.flextok_counts import (
     TokenCountSettings, count_tokens, default_candidates, image_noise, noise_shape, reconstruction_mse,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "flextok"
 HARNESS = json.loads((REF / "tiny_flextok.config.json").read_text())["_reference_harness"]
 KEYS = [f"img{i}" for i in range(4)]
@@ -31,13 +33,6 @@ def write_flextok_checkpoint(dest: Path) -> Path:
     shutil.copy(REF / "tiny_flextok.safetensors", dest / "model.safetensors")
     return dest
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

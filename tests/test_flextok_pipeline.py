@@ -30,6 +30,8 @@ from tokenizer.transform import ImageTransform
 VIEWS = "flip"
 STEPS = 4  # Euler steps of the token-count decodes (kept small for speed)
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # like the encoder actors: bit-identical floats
+
 
 @pytest.fixture(scope="module")
 def cluster():
@@ -38,14 +40,6 @@ def cluster():
     yield
     ray.shutdown()
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Direct computations use one thread, like the encoder actors here (bit-identical floats)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
