@@ -18,6 +18,7 @@ import argparse
 import io
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -125,8 +126,8 @@ def ledger_cost(url: str, n: int, so: dict | None) -> float:
     files = {}
     for i in range(n):
         files[f"data/{layout.shard_name(i)}.parquet"] = blob
-        files[f"stats/{layout.shard_name(i)}.json"] = ShardStats(
-            i, layout.shard_name(i), f"in/{i}.tar", 1, 1, 1, data_bytes=len(blob), run_fingerprint="fp").to_json().encode()
+        stats = ShardStats(i, layout.shard_name(i), f"in/{i}.tar", 1, 1, 1, data_bytes=len(blob), run_fingerprint="fp")
+        files[f"stats/{layout.shard_name(i)}.json"] = stats.to_json().encode()
     fill(url, files, so)
     assert len(Ledger.read(layout, "fp", so).done) == n
     return best_of(lambda: Ledger.read(layout, "fp", so), so)
@@ -237,11 +238,15 @@ def main() -> None:
     finally:
         ray.shutdown()
         cluster.shutdown()
-    io_rows = driver_io(tmp, [int(n) for n in args.ledger.split(",")])
+    try:
+        io_rows = driver_io(tmp, [int(n) for n in args.ledger.split(",")])
+    finally:
+        shutil.rmtree(tmp)
     load1 = os.getloadavg()[0]
 
     print(f"# scaling bench {date.today()} on {platform.machine()}, {os.cpu_count()} cores, load average "
-          f"{load0:.1f} -> {load1:.1f}, torch {torch.__version__}, ray {ray.__version__}, Python {platform.python_version()}")
+          f"{load0:.1f} -> {load1:.1f}, torch {torch.__version__}, ray {ray.__version__}, "
+          f"Python {platform.python_version()}")
     print(f"\n{args.shards} shards x {args.per_shard} JPEGs 320x240; TiTok w128 d2 256 px, random weights, batch 16, "
           "fp32 on CPU; actors: 1 fake GPU + 0.5 CPU each, 2 worker nodes with 2 fake GPUs\n")
     print("| actors | nodes used | img/s (whole run) | img/s (first start to last commit) | vs 1 actor | "

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import fsspec
 import pyarrow.parquet as pq
-import pytest
 import torch
 
 from pipeline.synthetic import write_synthetic
