@@ -26,6 +26,7 @@ from pipeline.sources import iter_records
 from tokenizer import load_tokenizer
 from tokenizer.transform import ImageTransform
 
+from .args import storage_options
 from .grid import image_grid, to_uint8
 
 
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer to decode with (default: from pretok.json)")
     p.add_argument("--sheet", default=None, help="PNG contact sheet to write (default: no sheet)")
     p.add_argument("--max-images", type=int, default=16)
-    p.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON")
+    p.add_argument("--storage-options", type=storage_options, default=None, metavar="JSON")
     return p
 
 

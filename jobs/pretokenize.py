@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+from jobs.args import storage_options
 from pipeline.distributor import PretokenizeConfig, run_pretokenize
 from tokenizer.transform import VIEWS
 
@@ -17,17 +17,6 @@ AWS_ACCESS_KEY_ID, ...) or --storage-options; they are never written to logs or 
 A rerun resumes: finished shards are skipped, failed ones are redone. Exit status: 0 done,
 1 some shards failed (rerun to retry them), 2 bad input or configuration.
 """
-
-
-def storage_options(text: str) -> dict:
-    """``--storage-options`` parser whose errors never echo the value (it may hold keys)."""
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at character {e.pos}); value not shown") from None
-    if not isinstance(options, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return options
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,6 @@ The model shape defaults are small, for CPU; the official TiTok-L-32 generator i
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
@@ -17,6 +16,7 @@ import torch
 from generator.checkpoint import generator_config, has_checkpoint, read_config
 from generator.model import GeneratorConfig, MaskGITTransformer
 from generator.train import TrainConfig, fit
+from jobs.args import storage_options
 from pipeline.tokens import TokenFiles, TokenLoader
 
 
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=1000)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in CKPT if there is one")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--storage-options", type=json.loads, default=None, help="fsspec options as JSON")
+    p.add_argument("--storage-options", type=storage_options, default=None, help="fsspec options as JSON")
     p.add_argument("--no-progress", action="store_true")
     return p
 

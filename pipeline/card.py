@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .layout import OutputLayout
-from .ledger import Ledger
+from .ledger import Ledger, ShardStats
 from .manifest import run_fingerprint
 from .writer import write_text_atomic
 
@@ -53,12 +53,18 @@ ds = load_dataset("path/to/this/folder", split="{splits[0]}")
 """
 
 
-def split_counts(root: str, manifest: dict, storage_options: dict | None = None) -> dict[str, dict]:
-    """Done shards, rows and skips of every split in the manifest, from the ledger."""
+def split_counts(
+    root: str, manifest: dict, known: dict[str, dict[int, ShardStats]], storage_options: dict | None = None
+) -> dict[str, dict]:
+    """Done shards, rows and skips of every split in the manifest; splits not in ``known``
+    (split -> done shard stats the caller already holds) are read from the ledger."""
     counts = {}
     for split, info in manifest["splits"].items():
-        layout = OutputLayout(root, split, info["num_shards"])
-        done = Ledger.read(layout, run_fingerprint(manifest, split), storage_options).done.values()
+        if split in known:
+            done = known[split].values()
+        else:
+            layout = OutputLayout(root, split, info["num_shards"])
+            done = Ledger.read(layout, run_fingerprint(manifest, split), storage_options).done.values()
         counts[split] = {
             "shards": info["num_shards"],
             "done": len(done),
@@ -68,8 +74,9 @@ def split_counts(root: str, manifest: dict, storage_options: dict | None = None)
     return counts
 
 
-def write_card(layout: OutputLayout, manifest: dict, storage_options: dict | None = None) -> dict[str, dict]:
-    """Write OUT/README.md; returns the per-split counts it shows."""
-    counts = split_counts(layout.root, manifest, storage_options)
+def write_card(
+    layout: OutputLayout, manifest: dict, done: dict[int, ShardStats], storage_options: dict | None = None
+) -> None:
+    """Write OUT/README.md; ``done`` is the done shards of ``layout.split`` (other splits are read)."""
+    counts = split_counts(layout.root, manifest, {layout.split: done}, storage_options)
     write_text_atomic(layout.card_path, render_card(manifest, counts), storage_options)
-    return counts

@@ -202,7 +202,7 @@ def run_pretokenize(cfg: PretokenizeConfig) -> RunSummary:
                 ray.shutdown()
         done.update(new)
         summary.shards_written, summary.shards_failed = len(new), failed
-    write_card(layout, manifest, so)
+    write_card(layout, manifest, done, so)
     for s in done.values():
         summary.rows_in += s.rows_in
         summary.rows_written += s.rows_written

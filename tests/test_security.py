@@ -18,6 +18,7 @@ from pathlib import Path
 
 import fsspec
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from pipeline.synthetic import write_synthetic
@@ -147,3 +148,14 @@ def test_member_names_cannot_steer_output_paths(tmp_path):
     assert not outside.exists()
     table = pq.read_table(out / "data" / "train-00000-of-00001.parquet")
     assert sorted(table["key"].to_pylist()) == sorted(keys)  # names are data, kept as text
+
+
+@pytest.mark.parametrize("module", ["jobs.inspect", "jobs.train_generator"])
+def test_other_jobs_do_not_echo_malformed_storage_options(module, capsys):
+    bad_json = json.dumps({"key": OPT_KEY_ID, "secret": OPT_SECRET})[:-1] + ",}"
+    args = ["out", "--storage-options", bad_json] + (["ckpt", "--steps", "1"] if module.endswith("generator") else [])
+    with pytest.raises(SystemExit) as e:
+        __import__(module, fromlist=["main"]).main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--storage-options" in err, err
+    assert not [s for s in SECRETS if s in err]

@@ -52,8 +52,8 @@ def test_roundtrip_load_dataset_restores_features(tmp_path):
     out = str(tmp_path / "out")
     layout = OutputLayout(out, "train", 2)
     man = prepare_output(layout, manifest(), overwrite=False)
-    (_, t0), (_, t1) = write_shard(layout, 0, man, 5), write_shard(layout, 1, man, 3, seed=1)
-    write_card(layout, man)
+    (s0, t0), (s1, t1) = write_shard(layout, 0, man, 5), write_shard(layout, 1, man, 3, seed=1)
+    write_card(layout, man, {0: s0, 1: s1})
     ds = load_dataset(out, split="train", cache_dir=str(tmp_path / "hf-cache"))
     assert ds.num_rows == 8
     assert isinstance(ds.features["label"], ClassLabel) and ds.features["label"].names == list(NAMES)
