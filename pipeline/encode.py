@@ -12,7 +12,7 @@ import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -46,18 +46,6 @@ class ShardJob:
     token_counts: TokenCountSettings | None = None
 
 
-@dataclass(frozen=True)
-class CountedRow:
-    """The columns the writer reads from a decoded image, plus its token count."""
-
-    key: str
-    width: int
-    height: int
-    label: int | None
-    caption: str | None
-    num_tokens_needed: int
-
-
 def _batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
     it = iter(records)
     while batch := list(itertools.islice(it, size)):
@@ -76,12 +64,12 @@ def encode_views(tok: ImageTokenizer, images: list[DecodedImage], precision: str
 
 def with_token_counts(
     tok: ImageTokenizer, images: list[DecodedImage], tokens: np.ndarray, settings: TokenCountSettings, precision: str
-) -> list[CountedRow]:
-    """Rows carrying the token count of each image's first view (``tokens`` uint16 [B,V,N])."""
+) -> list[DecodedImage]:
+    """The images with ``num_tokens_needed`` set from their first view (``tokens`` uint16 [B,V,N])."""
     views = torch.from_numpy(np.stack([d.views[0] for d in images])).to(tok.device).float().div_(255.0)
     ids = torch.from_numpy(tokens[:, 0].astype(np.int64))
     counts = count_tokens(tok, views, ids, [d.key for d in images], settings, precision).counts
-    return [CountedRow(d.key, d.width, d.height, d.label, d.caption, int(c)) for d, c in zip(images, counts)]
+    return [replace(d, num_tokens_needed=int(c)) for d, c in zip(images, counts)]
 
 
 def encode_shard(

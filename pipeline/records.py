@@ -52,6 +52,7 @@ class DecodedImage:
     label: int | None = None
     caption: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    num_tokens_needed: int | None = None  # set only when the job computes token counts
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,7 @@ class TokenSchema:
         return schema.with_metadata({**schema.metadata, b"pretok": json.dumps(manifest, sort_keys=True).encode()})
 
     def record_batch(self, schema: pa.Schema, rows: list, tokens: np.ndarray) -> pa.RecordBatch:
-        """Rows (DecodedImage-like: key, label, caption, width, height, and ``num_tokens_needed``
-        with token counts) + uint16 tokens [B,V,N]."""
+        """DecodedImage rows (``num_tokens_needed`` read only with token counts) + uint16 tokens [B,V,N]."""
         b = len(rows)
         if tokens.shape != (b, self.num_views, self.num_tokens) or tokens.dtype != np.uint16:
             raise ValueError(f"tokens must be uint16 {(b, self.num_views, self.num_tokens)}, got {tokens.dtype} {tokens.shape}")
