@@ -41,7 +41,7 @@ from pipeline.synthetic import write_synthetic  # noqa: E402
 from tests.test_flextok import released_config  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 from tokenizer.flextok import FlexTok  # noqa: E402
-from tokenizer.flextok_counts import (  # noqa: E402
+from tokenizer.flextok.counts import (  # noqa: E402
     TokenCountSettings, count_tokens, image_noise, noise_shape, reconstruction_mse,
 )
 from tokenizer.transform import ImageTransform  # noqa: E402

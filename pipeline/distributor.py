@@ -17,7 +17,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
-from tokenizer.flextok_counts import TokenCountSettings
+from tokenizer.flextok.counts import TokenCountSettings
 from tokenizer.transform import ImageTransform
 
 from .actor import EncoderActor

@@ -4,7 +4,7 @@ Ray-free, so the same code runs in an encoder actor, in a test, or in the benchm
 Decoding of batch i+1 runs on the thread pool while the device encodes batch i. Batches are cut
 in shard order with a fixed size, so the tokens of a shard do not depend on timing or retries.
 With ``ShardJob.token_counts`` each row also gets ``num_tokens_needed`` (its first view's token
-count, ``tokenizer.flextok_counts``), which costs a few decodes per image on the same device.
+count, ``tokenizer.flextok.counts``), which costs a few decodes per image on the same device.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from tokenizer.base import ImageTokenizer
-from tokenizer.flextok_counts import TokenCountSettings, count_tokens
+from tokenizer.flextok.counts import TokenCountSettings, count_tokens
 from tokenizer.transform import ImageTransform
 
 from .decode import decode_record

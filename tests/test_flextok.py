@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from tokenizer import CheckpointError, load_tokenizer
 from tokenizer.flextok import FlexTok
-from tokenizer.flextok_layers import sincos_posemb_2d
+from tokenizer.flextok.layers import sincos_posemb_2d
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

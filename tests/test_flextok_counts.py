@@ -1,4 +1,4 @@
-"""Per-image token counts (``tokenizer.flextok_counts``) on the tiny FlexTok reference model.
+"""Per-image token counts (``tokenizer.flextok.counts``) on the tiny FlexTok reference model.
 
 Expected values come from brute force: every candidate prefix decoded with the same per-image
 noise, then the binary search's guarantees checked against that table.
@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from tests.titok_fixtures import write_titok_checkpoint
 from tokenizer import load_tokenizer
-from tokenizer.flextok_counts import (
+from tokenizer.flextok.counts import (
     TokenCountSettings, count_tokens, default_candidates, image_noise, noise_shape, reconstruction_mse,
 )
 

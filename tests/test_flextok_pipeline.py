@@ -24,7 +24,7 @@ from pipeline.tokens import load_tokens, tokens_array
 from tests.test_flextok_counts import write_flextok_checkpoint
 from tests.titok_fixtures import write_titok_checkpoint
 from tokenizer import load_tokenizer
-from tokenizer.flextok_counts import TokenCountSettings, count_tokens, image_noise, noise_shape, reconstruction_mse
+from tokenizer.flextok.counts import TokenCountSettings, count_tokens, image_noise, noise_shape, reconstruction_mse
 from tokenizer.transform import ImageTransform
 
 VIEWS = "flip"

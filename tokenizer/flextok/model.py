@@ -10,8 +10,8 @@ predicts the velocity, Euler steps go from t=1 (noise) to t=0, optionally with c
 guidance (plain or APG) against null-token registers, and the VAE decodes the final latent.
 
 This module holds the tokenizer, FSQ and the flow sampling; config parsing is in
-``flextok_config``, the building blocks in ``flextok_layers``, the VAE / encoder / decoder
-submodules in ``flextok_parts`` and the KL autoencoder in ``flextok_vae``.
+``config``, the building blocks in ``layers``, the VAE / encoder / decoder
+submodules in ``parts`` and the KL autoencoder in ``vae``.
 
 The VAE always encodes to the posterior mode (deterministic tokens), whatever
 ``vae.sample_posterior`` says.
@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ImageTokenizer
-from .flextok_config import FlexTokConfig
-from .flextok_parts import FlexTokDecoder, FlexTokEncoder, FlexTokVAE
+from ..base import ImageTokenizer
+from .config import FlexTokConfig
+from .parts import FlexTokDecoder, FlexTokEncoder, FlexTokVAE
 
 __all__ = ["FSQ", "EncodeOutput", "FlexTok", "FlexTokConfig", "FlowTrace", "adaptive_projected_guidance"]
 

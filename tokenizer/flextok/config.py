@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import CheckpointError
-from .flextok_vae import VAEConfig
+from ..checkpoint import CheckpointError
+from .vae import VAEConfig
 
 _DTYPES = {None: torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

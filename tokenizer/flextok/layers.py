@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError
-from .flextok_config import TransformerConfig
+from ..checkpoint import CheckpointError
+from .config import TransformerConfig
 
 
 def layer_norm(x: torch.Tensor) -> torch.Tensor:

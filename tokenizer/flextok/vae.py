@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError
+from ..checkpoint import CheckpointError
 
 
 @dataclass(frozen=True)

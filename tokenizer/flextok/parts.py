@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .flextok_config import FlexTokConfig
-from .flextok_layers import (
+from .config import FlexTokConfig
+from .layers import (
     LearnedPosEmb1D, LinearHead, MaskToken, NullCond, PatchEmbedder, Projection, Registers, SinCosPosEmb,
     TimestepEmbedder, ToPatchesHead, Transformer, unpatchify,
 )
-from .flextok_vae import AutoencoderKL
+from .vae import AutoencoderKL
 
 
 class FlexTokVAE(nn.Module):

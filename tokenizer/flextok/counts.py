@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .flextok import FlexTok
+from .model import FlexTok
 
 
 def default_candidates(num_tokens: int) -> tuple[int, ...]:
