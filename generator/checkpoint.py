@@ -7,8 +7,10 @@ CKPT/optimizer.safetensors optimizer tensors "state.{param}.{name}"; param group
 CKPT/state.json            TrainState: step, epoch, batches of that epoch consumed
 ```
 A save writes a fresh sibling directory and swaps it in, so a crash never mixes two steps.
-``load_generator`` also reads an official TiTok generator directory (config.json with
-``model.generator`` + model.safetensors or pytorch_model.bin).
+``load_generator`` also reads an official TiTok generator folder as published (config.json with
+``model.generator`` + model.safetensors or pytorch_model.bin), from any source the tokenizer
+loader accepts: a hub repo id (``yucornetto/generator_titok_l32_imagenet[@rev]``), ``hf://``, a
+local folder or an fsspec URL.
 """
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, safe_open, save_file
+
+from tokenizer.checkpoint import read_checkpoint
+from tokenizer.interpolation import resolve_interpolations
 
 from .model import GeneratorConfig, MaskGITTransformer
 from .sample import SamplerConfig
@@ -113,7 +118,7 @@ def generator_config(config: dict) -> GeneratorConfig:
 def sampler_defaults(config: dict) -> SamplerConfig:
     """Sampling settings an official config recommends; plain defaults for pretok checkpoints."""
     if config.get("format") != FORMAT and "generator" in config.get("model", {}):
-        return SamplerConfig.from_official(config["model"]["generator"])
+        return SamplerConfig.from_official(resolve_interpolations(config)["model"]["generator"])
     return SamplerConfig()
 
 
@@ -141,9 +146,13 @@ def load_checkpoint(
     return TrainState(**json.loads((path / STATE).read_text())) if (path / STATE).is_file() else TrainState()
 
 
-def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[MaskGITTransformer, dict]:
-    """Model (eval mode, on ``device``) and its config.json from a pretok or official directory."""
-    config = read_config(path)
-    model = MaskGITTransformer(generator_config(config))
-    model.load_state_dict(_model_state_dict(Path(path)), strict=True)
-    return model.to(device).eval(), config
+def load_generator(
+    src: str | os.PathLike, device: str | torch.device = "cpu", storage_options: dict | None = None
+) -> tuple[MaskGITTransformer, dict]:
+    """Model (eval mode, on ``device``) and its config.json (as published) from a pretok checkpoint
+    or an official generator folder, from any source ``tokenizer.sources`` accepts."""
+    ckpt = read_checkpoint(str(src), storage_options)
+    model = MaskGITTransformer(generator_config(ckpt.config))
+    state_dict = {k: v for k, v in ckpt.state_dict().items() if k not in _IGNORED_KEYS}
+    model.load_state_dict(state_dict, strict=True)
+    return model.to(device).eval(), ckpt.config

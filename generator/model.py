@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenizer.interpolation import resolve_interpolations
+
 LAYER_NORM_EPS = 1e-12
 INIT_STD = 0.02
 
@@ -62,22 +64,27 @@ class GeneratorConfig:
 
     @classmethod
     def from_official(cls, config: dict) -> "GeneratorConfig":
-        """From an official TiTok generator config (``model.vq_model`` + ``model.generator``)."""
-        gen, vq = config["model"]["generator"], config["model"]["vq_model"]
-        if gen.get("model_type", "ViT") != "ViT":
-            raise ValueError(f"generator model_type {gen['model_type']!r} (UViTBert) is not supported; only ViT")
-        return cls(
-            codebook_size=vq["codebook_size"],
-            num_tokens=gen["image_seq_len"],
-            num_classes=gen["condition_num_classes"],
-            width=gen["hidden_size"],
-            depth=gen["num_hidden_layers"],
-            heads=gen["num_attention_heads"],
-            mlp_dim=gen["intermediate_size"],
-            dropout=gen["dropout"],
-            attn_dropout=gen["attn_drop"],
-            class_dropout=gen["class_label_dropout"],
-        )
+        """From an official TiTok generator config (``model.vq_model`` + ``model.generator``) as
+        published: ``${...}`` interpolations (``image_seq_len``) are resolved as dotted lookups."""
+        config = resolve_interpolations(config)
+        try:
+            gen, vq = config["model"]["generator"], config["model"]["vq_model"]
+            if gen.get("model_type", "ViT") != "ViT":
+                raise ValueError(f"generator model_type {gen['model_type']!r} (UViTBert) is not supported; only ViT")
+            return cls(
+                codebook_size=vq["codebook_size"],
+                num_tokens=gen["image_seq_len"],
+                num_classes=gen["condition_num_classes"],
+                width=gen["hidden_size"],
+                depth=gen["num_hidden_layers"],
+                heads=gen["num_attention_heads"],
+                mlp_dim=gen["intermediate_size"],
+                dropout=gen["dropout"],
+                attn_dropout=gen["attn_drop"],
+                class_dropout=gen["class_label_dropout"],
+            )
+        except KeyError as e:
+            raise ValueError(f"official generator config lacks {e} (model.generator / model.vq_model)") from None
 
 
 def _layer_norm(width: int) -> nn.LayerNorm:

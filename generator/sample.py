@@ -29,12 +29,15 @@ class SamplerConfig:
 
     @classmethod
     def from_official(cls, generator: dict) -> "SamplerConfig":
-        """Defaults from an official ``model.generator`` config block."""
+        """Defaults from an official ``model.generator`` config block (interpolations resolved), as the
+        official ``sample_imagenet_titok.py`` uses them: it always anneals the softmax temperature."""
         return cls(
             num_steps=generator.get("num_steps", cls.num_steps),
             guidance_scale=generator.get("guidance_scale", cls.guidance_scale),
             guidance_schedule=generator.get("guidance_decay", cls.guidance_schedule),
+            guidance_power=generator.get("guidance_scale_pow", cls.guidance_power),
             temperature=generator.get("randomize_temperature", cls.temperature),
+            softmax_annealing=generator.get("softmax_temperature_annealing", True),
         )
 
 

@@ -6,11 +6,18 @@ import sys
 
 from jobs.args import storage_options
 from pipeline.distributor import PretokenizeConfig, run_pretokenize
+from tokenizer.sources import SOURCE_HELP
 from tokenizer.transform import VIEWS
 
 EPILOG = """examples:
-  pretok pretokenize s3://bucket/imagenet/train out/imagenet-titok --tokenizer s3://bucket/ckpt/titok_l32
-  pretok pretokenize ./images ./tokens --tokenizer ./titok_b64 --views flip --actors 2 --precision bf16
+  pretok pretokenize s3://bucket/imagenet/train out/imagenet-titok --tokenizer yucornetto/tokenizer_titok_l32_imagenet
+  pretok pretokenize ./images ./tokens --tokenizer EPFL-VILAB/flextok_d18_d28_dfn@main --precision bf16
+  pretok pretokenize ./images ./tokens --tokenizer s3://bucket/ckpt/titok_b64 --views flip --actors 2
+
+--tokenizer takes a hub repo id (the driver resolves it once through the Hugging Face cache:
+HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE=1, the token from HF_TOKEN or `hf auth login`, never logged),
+an hf:// URL, a local folder, any fsspec URL, or a bare model.safetensors; the driver reads it once
+and ships the bytes to every actor, so cluster nodes need no hub or storage access.
 
 S3 endpoints and credentials come from the standard AWS environment variables (AWS_ENDPOINT_URL,
 AWS_ACCESS_KEY_ID, ...) or --storage-options; they are never written to logs or outputs.
@@ -29,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("input", help="input dataset URL or path (folder, file or glob)")
     p.add_argument("output", help="output dataset URL or path")
-    p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint dir/URL (config.json + weights)")
+    p.add_argument("--tokenizer", required=True, metavar="SRC", help=f"tokenizer checkpoint: {SOURCE_HELP}")
     p.add_argument("--format", default="auto", choices=["auto", "webdataset", "parquet", "imagefolder"])
     p.add_argument("--split", default="train", help="split name (default: train)")
     p.add_argument("--resolution", type=int, default=None, help="crop size (default: the tokenizer's image size)")

@@ -2,9 +2,15 @@
 
     python -m jobs.sample CKPT --tokenizer SRC --out grid.png [--classes 1,2,3] [--per-class 4]
 
-CKPT is a pretok generator checkpoint or an official TiTok generator directory; SRC is the tokenizer
-(``tokenizer.load_tokenizer``) whose tokens the generator was trained on. Sampling settings default
-to what an official config recommends, else to ``SamplerConfig``'s defaults.
+CKPT is a pretok generator checkpoint or an official TiTok generator folder as published, SRC the
+tokenizer whose tokens the generator was trained on; both may be a hub repo id (org/name[@revision]),
+an hf:// URL, a local folder or an fsspec URL, e.g.
+
+    python -m jobs.sample yucornetto/generator_titok_l32_imagenet \
+        --tokenizer yucornetto/tokenizer_titok_l32_imagenet --out grid.png
+
+Sampling settings default to what an official config recommends (as the official
+sample_imagenet_titok.py uses them), else to ``SamplerConfig``'s defaults.
 """
 from __future__ import annotations
 
@@ -20,12 +26,15 @@ from generator.model import GeneratorConfig
 from generator.sample import SCHEDULES, SamplerConfig, generate
 from jobs.grid import image_grid, to_uint8
 from tokenizer import load_tokenizer
+from tokenizer.sources import SOURCE_HELP
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sample", description=__doc__.split("\n\n")[0])
-    p.add_argument("ckpt", help="generator checkpoint directory")
-    p.add_argument("--tokenizer", required=True, help="tokenizer directory or fsspec URL")
+    p = argparse.ArgumentParser(prog="pretok sample", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpt", help="generator: a pretok checkpoint or an official generator folder, as a hub repo id "
+                   "org/name[@revision], hf:// URL, local folder or fsspec URL")
+    p.add_argument("--tokenizer", required=True, help=f"the tokenizer: {SOURCE_HELP}")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--classes", default=None, help="comma-separated class indices or names (default: first 4)")
     p.add_argument("--per-class", type=int, default=4, help="samples per class (grid columns)")
@@ -34,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-schedule", choices=SCHEDULES, default=None)
     p.add_argument("--guidance-power", type=float, default=None, help="power-cosine exponent")
     p.add_argument("--temperature", type=float, default=None, help="randomisation temperature (annealed)")
-    p.add_argument("--softmax-annealing", action="store_true")
+    p.add_argument("--softmax-annealing", action=argparse.BooleanOptionalAction, default=None,
+                   help="anneal the softmax temperature (default: on for official configs, else off)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -102,12 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {
         "num_steps": args.steps, "guidance_scale": args.guidance_scale, "guidance_schedule": args.guidance_schedule,
         "guidance_power": args.guidance_power, "temperature": args.temperature,
+        "softmax_annealing": args.softmax_annealing,
     }
-    cfg = dataclasses.replace(
-        sampler_defaults(config),
-        **{k: v for k, v in overrides.items() if v is not None},
-        **({"softmax_annealing": True} if args.softmax_annealing else {}),
-    )
+    cfg = dataclasses.replace(sampler_defaults(config), **{k: v for k, v in overrides.items() if v is not None})
     ids = sample_tokens(model, classes, args.per_class, cfg, args.seed, args.batch_size)
     decode_grid(tokenizer, ids, args.per_class).save(args.out)
     for row, c in enumerate(classes):

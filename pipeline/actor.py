@@ -8,6 +8,7 @@ import ray
 import torch
 
 from tokenizer import load_tokenizer
+from tokenizer.checkpoint import Checkpoint
 
 from .encode import ShardJob, encode_shard
 from .records import InputShard
@@ -18,15 +19,17 @@ class EncoderWorker:
     ``run`` processes one shard at a time.
 
     Runs as a threaded Ray actor (``max_concurrency=2``) so the driver can poll ``progress``
-    while ``run`` is busy.
+    while ``run`` is busy. ``tokenizer`` is the driver's :class:`Checkpoint` (passed as an
+    ObjectRef, so Ray hands each node the same bytes from its object store; no node needs hub or
+    storage access) or a source string; the fingerprint of the weights actually loaded is checked.
     """
 
-    def __init__(self, tokenizer_src: str, expected_fingerprint: str, job: ShardJob, torch_threads: int):
+    def __init__(self, tokenizer: Checkpoint | str, expected_fingerprint: str, job: ShardJob, torch_threads: int):
         gpu_ids = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
         device = "cuda" if gpu_ids and torch.cuda.is_available() else "cpu"
         torch.set_num_threads(max(1, torch_threads))
         parts = "encoder" if job.token_counts is None else "all"
-        self.tok = load_tokenizer(tokenizer_src, device=device, parts=parts, storage_options=job.storage_options)
+        self.tok = load_tokenizer(tokenizer, device=device, parts=parts, storage_options=job.storage_options)
         if self.tok.fingerprint != expected_fingerprint:
             raise RuntimeError(
                 f"tokenizer checkpoint changed since the run started (fingerprint {self.tok.fingerprint[:12]} "

@@ -17,6 +17,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
+from tokenizer.checkpoint import read_checkpoint
 from tokenizer.flextok.counts import TokenCountSettings
 from tokenizer.transform import ImageTransform
 
@@ -128,7 +129,7 @@ def _ensure_ray() -> bool:
 class _Pool:
     """Encoder actors, replaced when they die."""
 
-    def __init__(self, plan: _Plan, tokenizer: str, fingerprint: str, job: ShardJob):
+    def __init__(self, plan: _Plan, tokenizer: ray.ObjectRef, fingerprint: str, job: ShardJob):
         self.plan = plan
         self._args = (tokenizer, fingerprint, job, max(1, int(plan.cpus_per_actor)))
         self.actors = [self._new() for _ in range(plan.actors)]
@@ -168,7 +169,8 @@ def run_pretokenize(cfg: PretokenizeConfig) -> RunSummary:
     """Run (or resume) one split; returns counts. Raises before writing anything on bad input."""
     start = time.time()
     so = cfg.storage_options
-    tok = TokenizerInfo.from_checkpoint(cfg.tokenizer, so)
+    ckpt = read_checkpoint(cfg.tokenizer, so)  # resolved and read once, here; actors get these bytes
+    tok = TokenizerInfo.from_checkpoint(ckpt)
     resolution = cfg.resolution or tok.image_size
     if resolution != tok.image_size:
         raise ValueError(f"--resolution {resolution} does not match the tokenizer's image size {tok.image_size}")
@@ -196,7 +198,7 @@ def run_pretokenize(cfg: PretokenizeConfig) -> RunSummary:
             plan = _plan(cfg)
             job = ShardJob(layout, schema, manifest, fp, transform, cfg.batch_size, cfg.precision,
                            max(1, round(plan.cpus_per_actor)), so, token_counts)
-            new, failed = _distribute(pending, _Pool(plan, cfg.tokenizer, tok.fingerprint, job), cfg)
+            new, failed = _distribute(pending, _Pool(plan, ray.put(ckpt), tok.fingerprint, job), cfg)
         finally:
             if started:
                 ray.shutdown()

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from importlib import metadata
 
-from tokenizer.checkpoint import read_checkpoint
+from tokenizer.checkpoint import Checkpoint, read_checkpoint
 from tokenizer.loading import build_tokenizer
 from tokenizer.transform import ImageTransform
 
@@ -31,7 +31,7 @@ class OutputError(OSError):
 class TokenizerInfo:
     family: str
     name: str
-    source: str        # where it was loaded from (credentials removed); informative, not compared
+    source: str        # where it was loaded from (credentials removed; hub: hf://org/name@<commit>); not compared
     fingerprint: str
     num_tokens: int
     codebook_size: int
@@ -39,8 +39,9 @@ class TokenizerInfo:
     image_size: int
 
     @classmethod
-    def from_checkpoint(cls, src: str, storage_options: dict | None = None) -> "TokenizerInfo":
-        """Fingerprint and shape of a checkpoint without allocating the model's weights."""
+    def from_checkpoint(cls, src: str | Checkpoint, storage_options: dict | None = None) -> "TokenizerInfo":
+        """Fingerprint and shape of a checkpoint (a source, or one already read) without allocating
+        the model's weights."""
         import torch
 
         ckpt = read_checkpoint(src, storage_options)
@@ -48,8 +49,8 @@ class TokenizerInfo:
             model = build_tokenizer(ckpt.config, parts="encoder")
         return cls(
             family=model.family,
-            name=redact_url(src).rstrip("/").rsplit("/", 1)[-1],
-            source=redact_url(src),
+            name=ckpt.name,
+            source=redact_url(ckpt.source),
             fingerprint=ckpt.fingerprint,
             num_tokens=model.num_tokens,
             codebook_size=model.codebook_size,

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tokenizer import CheckpointError, load_tokenizer
-from tokenizer.flextok import FlexTok
+from tokenizer.flextok import FlexTok, FlexTokConfig
 from tokenizer.flextok.layers import sincos_posemb_2d
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -66,16 +66,6 @@ PITFALL_TESTS = {
     "VAE scaling_factor ignored": ("test_encoder_intermediates", "test_decoder_run"),
     "activation GELU instead of SiLU": ("test_token_ids_exact", "test_encoder_intermediates", "test_decoder_run"),
 }
-
-# The VAE of the released layouts (upstream VAE_BASE_CFG with 16 latent channels).
-RELEASED_VAE = {
-    **HARNESS["vae_base_cfg_override"],
-    "block_out_channels": [128, 256, 512, 512],
-    "norm_num_groups": 32,
-    "layers_per_block": 2,
-    "latent_channels": 16,
-}
-
 
 def close(actual: torch.Tensor, expected: torch.Tensor, atol: float) -> None:
     torch.testing.assert_close(actual, expected, atol=atol, rtol=0.0)
@@ -173,15 +163,26 @@ def test_checkpoint_mismatch_fails_clearly(tmp_path, defect):
         load_tokenizer(str(write_checkpoint(tmp_path, CONFIG, sd)))
 
 
-def test_vae_config_extension_and_missing_vae_config(tok):
+def test_vae_architecture_sources(tok):
+    """hf_hub_path null: the official base VAE with the node's latent channels; an inline vae_config
+    overrides it; hf_hub_path set but its config absent: refused, naming the repo and the download."""
     cfg = copy.deepcopy(CONFIG)
     harness = cfg.pop("_reference_harness")
-    with pytest.raises(CheckpointError, match="vae_config"):
-        FlexTok.from_config(cfg)
+    base = FlexTokConfig.from_dict(cfg)
+    assert (base.vae.block_out_channels, base.vae.layers_per_block, base.vae.norm_num_groups) == ((128, 256, 512, 512), 2, 32)
+    assert base.vae.latent_channels == CONFIG["vae"]["latent_channels"] and base.vae.downsample_factor == 8
+    assert base.vae_scaling_factor == CONFIG["vae"]["scaling_factor"]
     cfg["vae_config"] = harness["vae_base_cfg_override"]
     model = FlexTok.from_config(cfg)
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in tok.state_dict().items()}
     assert model.vae.scaling_factor == CONFIG["vae"]["scaling_factor"]
+    del cfg["vae_config"]
+    cfg["vae"]["scaling_factor"] = None  # neither the node nor the official base config has one
+    with pytest.raises(CheckpointError, match="no VAE scaling factor"):
+        FlexTokConfig.from_dict(cfg)
+    cfg["vae"]["hf_hub_path"] = "EPFL-VILAB/flextok_vae_c16"
+    with pytest.raises(CheckpointError, match=r"EPFL-VILAB/flextok_vae_c16 .*`hf download EPFL-VILAB/flextok_vae_c16 config.json`"):
+        FlexTokConfig.from_dict(cfg)
 
 
 @pytest.mark.parametrize("path, value, message", [
@@ -204,8 +205,7 @@ def released_config(layout: dict, adaln_expansion: int = 2) -> dict:
     """The tiny config with a released layout's dims (the structure the key JSONs were made with)."""
     dims = layout["dims"]
     cfg = copy.deepcopy(CONFIG)
-    del cfg["_reference_harness"]
-    cfg["vae_config"] = RELEASED_VAE
+    del cfg["_reference_harness"]  # hf_hub_path null: the official base VAE (f8, 128..512 channels)
     for section, prefix in (("encoder", "encoder"), ("decoder", "decoder")):
         for node in cfg[section]["module_dict"].values():
             if "dim" in node:

@@ -108,8 +108,8 @@ def test_official_directory_loads(tmp_path):
     model, config = load_generator(tmp_path)
     ids = torch.randint(0, 16, (2, 8))
     torch.testing.assert_close(model(ids, torch.tensor([1, 2])), src.eval()(ids, torch.tensor([1, 2])))
-    assert sampler_defaults(config) == SamplerConfig(
-        num_steps=12, guidance_scale=4.5, guidance_schedule="linear", temperature=9.5
+    assert sampler_defaults(config) == SamplerConfig(  # softmax annealing: as sample_imagenet_titok.py
+        num_steps=12, guidance_scale=4.5, guidance_schedule="linear", temperature=9.5, softmax_annealing=True
     )
 
 

@@ -1,6 +1,13 @@
-"""Reading tokenizer checkpoints (config.json + weights) from a directory or any fsspec URL.
+"""Reading tokenizer checkpoints (config + weights) from any source ``tokenizer.sources`` accepts.
 
-Weights load without executing code: safetensors, or ``torch.load(weights_only=True)``.
+A :class:`Checkpoint` is the checkpoint in memory: the config and the weight file's bytes exactly
+as stored. It is what crosses a cluster: the driver reads it once and ships it (one ``ray.put``),
+every actor builds its model from those bytes and checks the fingerprint, so no node needs hub or
+storage access and all of them hold byte-identical weights.
+
+Weights load without executing code: safetensors, or ``torch.load(weights_only=True)``. The
+config comes from ``config.json`` beside the weights or, failing that, from the safetensors header
+(``tokenizer.header_config``).
 """
 from __future__ import annotations
 
@@ -8,82 +15,129 @@ import hashlib
 import io
 import json
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import fsspec
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 
+from .errors import CheckpointError
+from .flextok.hub_vae import attach_vae_config
+from .header_config import config_from_metadata, safetensors_metadata
+from .sources import SourceFiles, open_source
+
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
+__all__ = ["Checkpoint", "CheckpointError", "WEIGHT_FILES", "check_state_dict", "fingerprint", "read_checkpoint"]
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as asked; the message names the problem."""
+
+def fingerprint(config: dict, state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over the canonical config JSON and every tensor (name, dtype, shape, bytes).
+
+    Independent of the weight file's format and of which parts are later loaded. ``config`` is
+    the config as published (before defaults and ``${...}`` interpolations are applied), so the
+    same download always gives the same fingerprint.
+    """
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 @dataclass
 class Checkpoint:
+    """A checkpoint in memory. ``config`` is the published config (for a FlexTok whose VAE lives
+    in another repo, plus that VAE's config under ``vae_config``); ``weights`` the bytes of the
+    weight file ``weights_name``; ``source`` where it was read (no credentials; a hub source names
+    its commit); ``name`` a short name."""
+
     config: dict
-    state_dict: dict[str, torch.Tensor]
-    weights_url: str
+    weights: bytes = field(repr=False)
+    weights_name: str
+    source: str
+    name: str
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors, parsed from ``weights`` on each call (nothing cached, nothing executed)."""
+        return _parse_weights(self.weights, self.weights_name, f"{self.source} ({self.weights_name})")
 
     @property
     def fingerprint(self) -> str:
-        """sha256 over the canonical config JSON and every tensor (name, dtype, shape, bytes).
-
-        Independent of the file format and of which parts are later loaded.
-        """
-        h = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
-        for name in sorted(self.state_dict):
-            t = self.state_dict[name].detach().cpu().contiguous()
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        return h.hexdigest()
+        return fingerprint(self.config, self.state_dict())
 
 
-def _join(src: str, name: str) -> str:
-    return src.rstrip("/") + "/" + name
+def read_checkpoint(src: str | Checkpoint, storage_options: dict | None = None) -> Checkpoint:
+    """Read the checkpoint ``src`` names (a Checkpoint is returned as it is)."""
+    if isinstance(src, Checkpoint):
+        return src
+    files = open_source(src, storage_options)
+    # A folder's small config.json first (a hub source then pins its commit before any large download).
+    config = None if files.file else _config_json(files)
+    weights_name, blob = _read_weights(files, config is not None)
+    if config is None:
+        config = _header_config(files, weights_name, blob)
+    return Checkpoint(attach_vae_config(config, storage_options), blob, weights_name, files.source, files.name)
 
 
-def read_checkpoint(src: str, storage_options: dict | None = None) -> Checkpoint:
-    """Read ``config.json`` and the first of ``WEIGHT_FILES`` found under ``src``."""
-    fs, root = fsspec.core.url_to_fs(src, **(storage_options or {}))
-    config_path = _join(root, "config.json")
-    if not fs.exists(config_path):
-        raise CheckpointError(f"no config.json in {src}")
-    with fs.open(config_path, "rb") as f:
-        try:
-            config = json.loads(f.read())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{src}/config.json is not valid JSON: {e}") from e
-    for name in WEIGHT_FILES:
-        path = _join(root, name)
-        if fs.exists(path):
-            with fs.open(path, "rb") as f:
-                blob = f.read()
-            return Checkpoint(config, _parse_weights(blob, name, _join(src, name)), _join(src, name))
-    raise CheckpointError(f"no weights in {src}: expected one of {', '.join(WEIGHT_FILES)}")
+def _config_json(files: SourceFiles) -> dict | None:
+    text = files.read("config.json")
+    if text is None:
+        return None
+    try:
+        config = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"config.json of {files.source} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"config.json of {files.source} is not a JSON object")
+    return config
 
 
-def _parse_weights(blob: bytes, name: str, url: str) -> dict[str, torch.Tensor]:
+def _read_weights(files: SourceFiles, has_config: bool) -> tuple[str, bytes]:
+    for name in (files.file,) if files.file else WEIGHT_FILES:
+        blob = files.read(name)
+        if blob is not None:
+            return name, blob
+    if files.file:
+        raise CheckpointError(f"no such weight file: {files.source}")
+    raise CheckpointError(
+        f"no {'weights' if has_config else 'config.json or weights'} in {files.source}: "
+        f"expected {' or '.join(WEIGHT_FILES)}"
+    )
+
+
+def _header_config(files: SourceFiles, weights_name: str, blob: bytes) -> dict:
+    """The config in a safetensors header; for a named weight file without one, the config.json beside it."""
+    if weights_name.endswith(".safetensors"):
+        config = config_from_metadata(safetensors_metadata(blob, files.source), files.source)
+        if config is not None:
+            return config
+    config = _config_json(files) if files.file else None
+    if config is None:
+        in_header = f" and no config in the header of {weights_name}" if weights_name.endswith(".safetensors") else ""
+        raise CheckpointError(f"no config.json in {files.source}{in_header}")
+    return config
+
+
+def _parse_weights(blob: bytes, name: str, where: str) -> dict[str, torch.Tensor]:
     if name.endswith(".safetensors"):
         try:
             return load_safetensors_bytes(blob)
         except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{url} is not a valid safetensors file: {e}") from e
+            raise CheckpointError(f"{where} is not a valid safetensors file: {e}") from e
     try:
         obj = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"{url} refused: it is a pickle that needs code execution to load "
+            f"{where} refused: it is a pickle that needs code execution to load "
             f"(only plain tensors are accepted; convert it to safetensors). Detail: {e}"
         ) from e
     except Exception as e:
-        raise CheckpointError(f"{url} is not a readable torch checkpoint: {e}") from e
+        raise CheckpointError(f"{where} is not a readable torch checkpoint: {e}") from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{url} does not hold a flat state dict of tensors")
+        raise CheckpointError(f"{where} does not hold a flat state dict of tensors")
     return obj
 
 

@@ -1,12 +1,19 @@
 """TiTok ("An Image is Worth 32 Tokens", arXiv 2406.07550), state-dict compatible with the
 released checkpoints.
 
-Two decoder flavours exist:
-- two-stage (``is_legacy`` true, the official default; ``finetune_decoder`` true): the ViT decoder
+Configs load as published: missing ``finetune_decoder`` / ``is_legacy`` / ``quantize_mode`` take
+the official defaults (true, true, "vq") and ``${a.b}`` interpolations are dotted lookups
+(``tokenizer.interpolation``). Decoder flavours:
+- two-stage (``is_legacy`` and ``finetune_decoder`` true, the official defaults): the ViT decoder
   predicts 1024-way logits over MaskGIT-VQGAN codes, their softmax mixes the VQGAN codebook and the
   MaskGIT-VQGAN pixel decoder renders pixels (titok_s128 / b64 / l32);
-- single-stage (``is_legacy`` false): the ViT decoder predicts pixel patches directly
-  (titok_bl64/bl128/sl256_vq8k).
+- single-stage (both false): the ViT decoder predicts pixel patches directly
+  (titok_bl64/bl128/sl256_vq8k);
+- stage 1 of two-stage training (``is_legacy`` true, ``finetune_decoder`` false): the same encoder and
+  quantizer, so encoding is supported; its decoder only predicts the proxy-code logits, which need
+  the separate MaskGIT-VQGAN to become pixels, so ``decode_tokens`` refuses clearly.
+``is_legacy`` false with ``finetune_decoder`` true cannot run in the official code (the pixel
+decoder mixes 1024 logits the pixel head does not produce) and is refused.
 The legacy encoder also reshapes its latent rows [B,N,W] straight to [B,W,N,1] (a reshape, not a
 transpose); that quirk decides the token ids and is reproduced.
 """
@@ -19,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import ImageTokenizer
-from .checkpoint import CheckpointError
+from .errors import CheckpointError
+from .interpolation import resolve_interpolations
 from .maskgit_vqgan import PixelDecoder, PixelDecoderConfig, PixelQuantizer
 from .vit import ResidualAttentionBlock
 
@@ -54,9 +62,15 @@ class TiTokConfig:
     pixel_decoder: PixelDecoderConfig | None   # two-stage only
     pixel_codebook: tuple[int, int] | None     # (num_embeddings, embedding_dim), two-stage only
 
+    @property
+    def decodes_pixels(self) -> bool:
+        """False for a stage-1 model, whose decoder output is proxy-code logits."""
+        return not self.is_legacy or self.pixel_decoder is not None
+
     @classmethod
     def from_dict(cls, config: dict) -> "TiTokConfig":
-        """Parse an official TiTok config.json (plus pretok's optional size extensions)."""
+        """Parse an official TiTok config.json as published (plus pretok's optional size extensions)."""
+        config = resolve_interpolations(config)
         try:
             vq = config["model"]["vq_model"]
             image_size = int(config["dataset"]["preprocessing"]["crop_size"])
@@ -77,11 +91,11 @@ class TiTokConfig:
             return sizes[name]
 
         is_legacy = bool(vq.get("is_legacy", True))
-        two_stage = bool(vq.get("finetune_decoder", False))
-        if is_legacy != two_stage:
+        two_stage = bool(vq.get("finetune_decoder", True))
+        if two_stage and not is_legacy:
             raise CheckpointError(
-                "unsupported TiTok variant: is_legacy and finetune_decoder must agree "
-                "(two-stage models have both true, single-stage models both false)"
+                "unsupported TiTok variant: finetune_decoder=true needs is_legacy=true (the pixel decoder mixes "
+                "the legacy decoder's 1024 code logits; the official code cannot run this combination either)"
             )
         pixel_decoder = pixel_codebook = None
         if two_stage:
@@ -266,6 +280,12 @@ class TiTok(ImageTokenizer):
         """Decoder input [B,C,1,N] -> pixels [B,3,R,R] (unclamped)."""
         if not self.has_decoder:
             raise RuntimeError("this tokenizer was loaded encoder-only (parts='encoder'); it cannot decode")
+        if not self.cfg.decodes_pixels:
+            raise RuntimeError(
+                "this is a stage-1 TiTok (is_legacy=true, finetune_decoder=false): its decoder predicts logits over "
+                "MaskGIT-VQGAN proxy codes, not pixels, and decoding them needs the separate MaskGIT-VQGAN; "
+                "its token ids (encode) are exact, use the released two-stage checkpoint to decode"
+            )
         x = self.decoder(z)
         if self.cfg.pixel_decoder is not None:
             x = self.pixel_decoder(self.pixel_quantize.mix(x))

@@ -1,15 +1,23 @@
 """FlexTok config parsing: the official hydra dict -> a checked, frozen ``FlexTokConfig``.
 
-Configs are the official hydra dicts (``_target_`` paths, ``encoder.module_dict.enc_*``,
-``decoder.module_dict.dec_*``); nothing is instantiated from ``_target_``, the fields are read and
-checked, and unsupported variants are refused. pretok extension keys:
+Two published forms are read: the hub ``config.json`` (``FlexTokFromHub``: the six nodes ``vae``,
+``encoder``, ``decoder``, ``regularizer``, ``flow_matching_noise_module``, ``pipeline``, no top-level
+``_target_``) and the safetensors-header config (the same nodes under a top-level ``_target_``
+naming ``flextok.flextok_wrapper.FlexTok``). Nothing is instantiated from ``_target_``: the fields
+are read and checked, and unsupported variants are refused.
 
-* ``vae_config``: the diffusers ``AutoencoderKL`` config.json of the VAE (the official wrapper
-  downloads it from ``vae.hf_hub_path``). Without it the ``_reference_harness.vae_base_cfg_override``
-  block of the reference fixtures is used (with ``vae.latent_channels``, as the official wrapper
-  does for its built-in base config); a config with neither is refused.
-* ``image_size`` (optional): the resolution ``decode_tokens`` renders; else
-  ``_reference_harness.image_size``; else the largest size the patch posemb grid covers.
+The VAE architecture is not part of the FlexTok config; as in the official ``StableDiffusionVAE``:
+
+* with ``vae.hf_hub_path`` set it is that repo's ``config.json`` (``tokenizer.flextok.hub_vae``
+  reads it when the checkpoint is read and stores it under ``vae_config``);
+* with ``hf_hub_path`` null it is the official base config ``VAE_BASE_CONFIG`` with the node's
+  ``latent_channels`` (the reference fixtures replace that base config by their
+  ``_reference_harness.vae_base_cfg_override``, as the official code was run with it);
+* an inline ``vae_config`` (pretok extension) overrides both.
+
+``scaling_factor`` is the node's, else the VAE config's. Optional ``image_size`` (pretok extension):
+the resolution ``decode_tokens`` renders; else ``_reference_harness.image_size``; else the largest
+size the patch posemb grid covers.
 """
 from __future__ import annotations
 
@@ -17,8 +25,25 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checkpoint import CheckpointError
+from ..errors import CheckpointError
 from .vae import VAEConfig
+
+# The nodes FlexTokFromHub instantiates; its hub config.json holds exactly these.
+HUB_NODES = ("vae", "encoder", "decoder", "regularizer", "flow_matching_noise_module", "pipeline")
+
+# Official ``flextok.vae_wrapper.VAE_BASE_CFG`` (values), used when ``vae.hf_hub_path`` is null.
+VAE_BASE_CONFIG = {
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3,
+    "out_channels": 3,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": None,
+}
 
 _DTYPES = {None: torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -225,13 +250,29 @@ class FlexTokConfig:
         )
 
 
+def is_flextok_config(config: dict) -> bool:
+    """A FlexTok config in either published form (see the module docstring)."""
+    if "flextok" in str(config.get("_target_", "")).lower():
+        return True
+    vae = config.get("vae")
+    return (isinstance(vae, dict) and "flextok" in str(vae.get("_target_", "")).lower()
+            and all(isinstance(config.get(node), dict) for node in HUB_NODES))
+
+
+def missing_vae_config(path: str, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"the VAE architecture of this FlexTok checkpoint is the config.json of {path} (vae.hf_hub_path), "
+        f"which cannot be read: {why}. Download it with `hf download {path} config.json` (the hub cache is "
+        "then used, also offline), or put that AutoencoderKL config into the checkpoint's config under 'vae_config'"
+    )
+
+
 def _vae_config(config: dict, vae_node: dict, harness: dict) -> dict:
     if "vae_config" in config:
         return config["vae_config"]
-    if "vae_base_cfg_override" in harness:
-        return {**harness["vae_base_cfg_override"], "latent_channels": vae_node.get("latent_channels", 16)}
-    raise CheckpointError(
-        "FlexTok config has no VAE architecture: the official code fetches it from "
-        f"vae.hf_hub_path={vae_node.get('hf_hub_path')!r}; add that VAE's diffusers AutoencoderKL "
-        "config.json to the checkpoint config under the key 'vae_config'"
-    )
+    if vae_node.get("hf_hub_path"):
+        raise missing_vae_config(
+            vae_node["hf_hub_path"], "this config carries no vae_config (load_tokenizer / read_checkpoint fetch it)"
+        )
+    base = harness.get("vae_base_cfg_override", VAE_BASE_CONFIG)
+    return {**base, "latent_channels": vae_node.get("latent_channels", 16)}

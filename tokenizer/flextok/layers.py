@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import CheckpointError
+from ..errors import CheckpointError
 from .config import TransformerConfig
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import CheckpointError
+from ..errors import CheckpointError
 
 
 @dataclass(frozen=True)
