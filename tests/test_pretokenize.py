@@ -2,6 +2,7 @@
 resume, interruption, bad inputs, refusals."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from pipeline.manifest import ManifestMismatch
 from pipeline.records import DecodedImage
 from pipeline.sources import iter_records, list_source
 from pipeline.synthetic import write_synthetic
+from tests.hub_cache import TOKEN_CANARY, use_hub_cache
 from tests.titok_fixtures import write_titok_checkpoint
 from tokenizer import load_tokenizer
 from tokenizer.transform import ImageTransform
@@ -204,3 +206,32 @@ def test_cpu_encoders_when_no_gpu_share_is_asked(cluster, tok_dir, tmp_path):
     assert run_pretokenize(config(inp, out, tok_dir, actors=1, gpus_per_actor=0.0)).ok
     (stats,) = stats_of(out)
     assert stats.worker["gpu_ids"] == [] and stats.worker["device"] == "cpu"
+
+
+@ray.remote(num_cpus=0)
+def _workers_hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def test_tokenizer_by_hub_repo_id(cluster, tok_dir, tmp_path, monkeypatch, capfd):
+    """The driver resolves the repo id once (offline, from its hub cache) and ships the checkpoint
+    bytes through the object store: the worker processes cannot even see that cache. The hub token
+    appears in no log and no output file."""
+    hub = use_hub_cache(monkeypatch, tmp_path / "hub")
+    monkeypatch.setenv("HF_TOKEN", TOKEN_CANARY)
+    assert ray.get(_workers_hub_cache.remote(), timeout=120) != str(hub.root)
+    commit = hub.add("pretok-test/titok-tiny", {n: Path(tok_dir, n).read_bytes() for n in ("config.json", "model.safetensors")})
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    write_synthetic(inp, "webdataset", num_shards=2, images_per_shard=5, seed=9)
+    summary = run_pretokenize(config(inp, out, "pretok-test/titok-tiny"))
+    assert summary.ok and summary.shards_written == 2
+    tok = json.loads(Path(out, "pretok.json").read_text())["tokenizer"]
+    assert (tok["source"], tok["name"]) == (f"hf://pretok-test/titok-tiny@{commit}", "titok-tiny")
+    assert tok["fingerprint"] == load_tokenizer(tok_dir).fingerprint
+    got, want = tokens_by_key(load_dataset(out, split="train", cache_dir=str(tmp_path / "hf"))), expected_tokens(inp, tok_dir)
+    assert got.keys() == want.keys() and all(np.array_equal(got[k].astype(np.int64), want[k]) for k in want)
+    logs = capfd.readouterr()
+    assert TOKEN_CANARY not in logs.out + logs.err
+    assert not any(TOKEN_CANARY.encode() in p.read_bytes() for p in Path(out).rglob("*") if p.is_file())
