@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="pretok output dataset (folder or URL)")
     p.add_argument("--split", default="train")
     p.add_argument("--shard", type=int, default=0, help="shard index (default: 0)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer to decode with (default: from pretok.json)")
+    p.add_argument("--tokenizer", default=None, metavar="SRC",
+                   help="tokenizer to decode with: hub repo id org/name[@revision], hf:// URL, folder, fsspec URL or "
+                   "bare model.safetensors (default: the source recorded in pretok.json, a hub commit for hub ids)")
     p.add_argument("--sheet", default=None, help="PNG contact sheet to write (default: no sheet)")
     p.add_argument("--max-images", type=int, default=16)
     p.add_argument("--storage-options", type=storage_options, default=None, metavar="JSON")

@@ -103,8 +103,12 @@ def sample_tokens(model, classes: list[int], per_class: int, cfg: SamplerConfig,
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    model, config = load_generator(args.ckpt, args.device)
-    tokenizer = load_tokenizer(args.tokenizer, device=args.device)
+    try:
+        model, config = load_generator(args.ckpt, args.device)
+        tokenizer = load_tokenizer(args.tokenizer, device=args.device)
+    except (ValueError, OSError, RuntimeError) as e:  # bad source or checkpoint (CheckpointError is a ValueError)
+        print(f"pretok sample: error: {e}", file=sys.stderr)
+        return 2
     data = config.get("data", {})
     check_compatible(model.config, tokenizer, data.get("tokenizer", {}).get("fingerprint"))
     names = data.get("label_names")

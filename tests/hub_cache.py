@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 LFS_SUFFIXES = (".safetensors", ".bin")
 TOKEN_CANARY = "hf_pretokCanary0123456789abcdefXYZ"  # a distinctive HF_TOKEN that must never be echoed
@@ -51,12 +51,10 @@ class HubCache:
         return commit
 
     def add_checkpoint(self, repo_id: str, config: dict | None, state_dict: dict, revision: str = "main",
-                       metadata: dict[str, str] | None = None, tmp: Path | None = None) -> str:
-        """A checkpoint repo: ``config.json`` (unless None) + ``model.safetensors`` (header ``metadata``)."""
-        weights = (tmp or self.root) / f".{repo_id.replace('/', '--')}.safetensors"
-        save_file(state_dict, str(weights), metadata=metadata)
-        files = {"model.safetensors": weights.read_bytes()}
-        weights.unlink()
+                       metadata: dict[str, str] | None = None) -> str:
+        """A checkpoint repo: ``config.json`` (unless None) + ``model.safetensors`` with header ``metadata``
+        (default ``{"format": "pt"}``, what ``PyTorchModelHubMixin`` writes)."""
+        files = {"model.safetensors": save(state_dict, metadata={"format": "pt"} if metadata is None else metadata)}
         if config is not None:
             files["config.json"] = json.dumps(config, indent=4).encode()
         return self.add(repo_id, files, revision)

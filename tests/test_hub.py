@@ -124,10 +124,18 @@ def test_titok_reference_ids_by_repo_id_revision_and_hf_url(hub):
     main = hub.add_checkpoint("pretok-test/titok-tiny", cfg, weights)
     v1 = hub.add_checkpoint("pretok-test/titok-tiny", {**cfg, "experiment": {"note": "v1"}}, weights, revision="v1")
     io = load_file(str(TITOK_REF / "tiny_vq_two_stage.io.safetensors"))
-    for src, commit in [("pretok-test/titok-tiny", main), ("pretok-test/titok-tiny@v1", v1),
-                        (f"hf://pretok-test/titok-tiny@{main}", main), ("hf://pretok-test/titok-tiny@v1", v1)]:
+    snapshot = hub.root / "models--pretok-test--titok-tiny" / "snapshots" / main
+    sub = hub.add("pretok-test/collection", {f"titok/{p.name}": p.read_bytes() for p in snapshot.iterdir()})
+    for src, source in [
+        ("pretok-test/titok-tiny", f"hf://pretok-test/titok-tiny@{main}"),
+        ("pretok-test/titok-tiny@v1", f"hf://pretok-test/titok-tiny@{v1}"),
+        (f"hf://pretok-test/titok-tiny@{main}", f"hf://pretok-test/titok-tiny@{main}"),
+        ("hf://pretok-test/titok-tiny@v1", f"hf://pretok-test/titok-tiny@{v1}"),
+        ("hf://pretok-test/collection/titok", f"hf://pretok-test/collection@{sub}/titok"),
+        (str(snapshot / "model.safetensors"), str(snapshot / "model.safetensors")),  # header {"format": "pt"}: config.json beside
+    ]:
         ckpt = read_checkpoint(src)
-        assert ckpt.source == f"hf://pretok-test/titok-tiny@{commit}", src
+        assert ckpt.source == source, src
         tok = load_tokenizer(ckpt)
         assert torch.equal(tok.encode(io["image"]), io["tokens"].squeeze(1)), src
     torch.testing.assert_close(tok.decode_tokens(io["tokens"].squeeze(1)), io["decoded_from_tokens"], atol=1e-4, rtol=1e-4)
@@ -169,7 +177,7 @@ def test_bad_interpolations_are_refused(value, message):
 # ---------------------------------------------------------------------------------- source errors
 
 
-def test_hub_errors_are_clear(hub, tmp_path):
+def test_hub_errors_are_clear(hub, tmp_path, capsys):
     cfg, weights = reference_two_stage()
     hub.add_checkpoint("org/present", cfg, weights)
     with pytest.raises(CheckpointError, match=r"hub repo org/missing is not in the local hub cache .*no local folder "
@@ -183,10 +191,12 @@ def test_hub_errors_are_clear(hub, tmp_path):
         load_tokenizer("org/no-weights")
     with pytest.raises(CheckpointError, match="namespace/name"):
         load_tokenizer("hf://only-a-name")
-    from jobs import pretokenize
+    from jobs import pretokenize, sample
 
     assert pretokenize.main([str(tmp_path), str(tmp_path / "out"), "--tokenizer", "org/missing", "--no-progress"]) == 2
     assert not (tmp_path / "out").exists()
+    assert sample.main(["org/missing-generator", "--tokenizer", "org/present", "--out", str(tmp_path / "g.png")]) == 2
+    assert "hub repo org/missing-generator is not in the local hub cache" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------- FlexTok

@@ -77,7 +77,7 @@ class FsFiles(SourceFiles):
     def __init__(self, url: str, storage_options: dict | None = None):
         self.url, self.file = _split_file(url)
         self.fs, self.root = fsspec.core.url_to_fs(self.url or ".", **(storage_options or {}))
-        self.name = _redact(self.url).rstrip("/").rsplit("/", 1)[-1] or self.url
+        self.name = _redact(self.url).rstrip("/").rsplit("/", 1)[-1] or Path.cwd().name
 
     @property
     def source(self) -> str:
