@@ -37,8 +37,8 @@ FLEX_REF = REFERENCE / "flextok"
 FLEX_CONFIG = json.loads((FLEX_REF / "tiny_flextok.config.json").read_text())
 
 # Official size names with their official depths but tiny widths: key names stay those of the release.
-TINY_SIZES = {"small": {"width": 32, "num_layers": 8, "num_heads": 2}, "base": {"width": 32, "num_layers": 12, "num_heads": 2},
-              "large": {"width": 32, "num_layers": 24, "num_heads": 2}}
+TINY_SIZES = {name: {"width": 32, "num_layers": depth, "num_heads": 2}
+              for name, depth in (("small", 8), ("base", 12), ("large", 24))}
 TINY_PIXEL = {"pixel_decoder": {"hidden_channels": 32, "z_channels": 16},
               "pixel_codebook": {"num_embeddings": 1024, "embedding_dim": 16}}
 
@@ -85,7 +85,8 @@ def test_fixture_cache_is_the_library_layout(hub):
     commit = hub.add("org/repo", {"config.json": b"{}", "model.safetensors": b"\0" * 8})
     (repo,) = scan_cache_dir(hub.root).repos
     (revision,) = repo.revisions
-    assert (repo.repo_id, repo.repo_type, revision.commit_hash, set(revision.refs)) == ("org/repo", "model", commit, {"main"})
+    assert (repo.repo_id, repo.repo_type, revision.commit_hash) == ("org/repo", "model", commit)
+    assert set(revision.refs) == {"main"}
     assert {f.file_name for f in revision.files} == {"config.json", "model.safetensors"}
 
 
@@ -132,13 +133,15 @@ def test_titok_reference_ids_by_repo_id_revision_and_hf_url(hub):
         (f"hf://pretok-test/titok-tiny@{main}", f"hf://pretok-test/titok-tiny@{main}"),
         ("hf://pretok-test/titok-tiny@v1", f"hf://pretok-test/titok-tiny@{v1}"),
         ("hf://pretok-test/collection/titok", f"hf://pretok-test/collection@{sub}/titok"),
-        (str(snapshot / "model.safetensors"), str(snapshot / "model.safetensors")),  # header {"format": "pt"}: config.json beside
+        # a bare file whose header holds only {"format": "pt"}: the config.json beside it
+        (str(snapshot / "model.safetensors"), str(snapshot / "model.safetensors")),
     ]:
         ckpt = read_checkpoint(src)
         assert ckpt.source == source, src
         tok = load_tokenizer(ckpt)
         assert torch.equal(tok.encode(io["image"]), io["tokens"].squeeze(1)), src
-    torch.testing.assert_close(tok.decode_tokens(io["tokens"].squeeze(1)), io["decoded_from_tokens"], atol=1e-4, rtol=1e-4)
+    decoded = tok.decode_tokens(io["tokens"].squeeze(1))
+    torch.testing.assert_close(decoded, io["decoded_from_tokens"], atol=1e-4, rtol=1e-4)
 
 
 def test_stage1_titok_encodes_and_refuses_to_decode(hub):
@@ -171,7 +174,8 @@ def test_bad_interpolations_are_refused(value, message):
     cfg["model"]["vq_model"]["token_size"] = value
     with pytest.raises(CheckpointError, match=message):
         build_tokenizer(cfg)
-    assert resolve_interpolations({"a": {"b": [7]}, "c": "${a.b.0}", "d": "n=${a.b.0}"}) == {"a": {"b": [7]}, "c": 7, "d": "n=7"}
+    resolved = resolve_interpolations({"a": {"b": [7]}, "c": "${a.b.0}", "d": "n=${a.b.0}"})
+    assert resolved == {"a": {"b": [7]}, "c": 7, "d": "n=7"}
 
 
 # ---------------------------------------------------------------------------------- source errors
@@ -283,7 +287,8 @@ def test_sample_a_published_generator_folder_by_repo_id(hub, tmp_path):
     hub.add_checkpoint("yucornetto/tokenizer_titok_l32_imagenet", tok_cfg, tok_weights)
     gen_cfg = published("titok_l32")  # the generator repo shares the tokenizer's config.json
     gen_cfg["model"]["vq_model"] = tok_cfg["model"]["vq_model"]
-    gen_cfg["model"]["generator"].update(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    gen_cfg["model"]["generator"].update(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64)
     torch.manual_seed(0)
     gen_weights = dict(MaskGITTransformer(GeneratorConfig.from_official(gen_cfg)).state_dict())
     gen_weights["model.embeddings.position_ids"] = torch.arange(17)[None]  # old transformers saved this buffer

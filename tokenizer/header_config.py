@@ -50,5 +50,7 @@ def config_from_metadata(metadata: dict[str, str], where: str) -> dict | None:
         try:
             config[key] = json.loads(json.dumps(config[key]))  # tuples -> lists: one canonical form
         except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{where}: header metadata key {key!r} holds a value JSON cannot represent: {e}") from None
+            raise CheckpointError(
+                f"{where}: header metadata key {key!r} holds a value JSON cannot represent: {e}"
+            ) from None
     return config

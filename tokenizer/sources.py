@@ -159,7 +159,8 @@ class HubFiles(SourceFiles):
         if (folder / "refs" / revision).is_file() or (folder / "snapshots" / revision).is_dir():
             return None
         refs = {p.name: p.read_text().strip() for p in (folder / "refs").glob("*") if p.is_file()}
-        loose = sorted(p.name[:12] for p in (folder / "snapshots").glob("*") if p.is_dir() and p.name not in refs.values())
+        loose = sorted(p.name[:12] for p in (folder / "snapshots").glob("*")
+                       if p.is_dir() and p.name not in refs.values())
         cached = [f"{name} ({commit[:12]})" for name, commit in sorted(refs.items())] + loose
         return (
             f"revision {revision!r} of hub repo {repo} is not in the local hub cache ({cache}; cached: "
