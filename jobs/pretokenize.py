@@ -13,11 +13,17 @@ EPILOG = """examples:
   pretok pretokenize s3://bucket/imagenet/train out/imagenet-titok --tokenizer yucornetto/tokenizer_titok_l32_imagenet
   pretok pretokenize ./images ./tokens --tokenizer EPFL-VILAB/flextok_d18_d28_dfn@main --precision bf16
   pretok pretokenize ./images ./tokens --tokenizer s3://bucket/ckpt/titok_b64 --views flip --actors 2
+  pretok pretokenize 's3://laion/{00000..41455}.tar' s3://bucket/laion-tokens --tokenizer ./titok_l32 \\
+      --keep url,similarity,AESTHETIC_SCORE,original_width,original_height --allow-missing
 
 --tokenizer takes a hub repo id (the driver resolves it once through the Hugging Face cache:
 HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE=1, the token from HF_TOKEN or `hf auth login`, never logged),
 an hf:// URL, a local folder, any fsspec URL, or a bare model.safetensors; the driver reads it once
 and ships the bytes to every actor, so cluster nodes need no hub or storage access.
+
+INPUT notation: several INPUTs add up; {00000..41455} is a zero-padded range, {a,b} a list (quote
+them for the shell); @FILE (local or URL) holds one input per line. Shards named that way must exist
+(--allow-missing records the missing ones in pretok.json instead). The shard list is sorted by URL.
 
 S3 endpoints and credentials come from the standard AWS environment variables (AWS_ENDPOINT_URL,
 AWS_ACCESS_KEY_ID, ...) or --storage-options; they are never written to logs or outputs.
@@ -34,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", help="input dataset URL or path (folder, file or glob)")
+    p.add_argument("input", nargs="+", metavar="INPUT",
+                   help="input dataset URL or path: folder, file, glob, brace pattern or @list file; several add up")
     p.add_argument("output", help="output dataset URL or path")
     p.add_argument("--tokenizer", required=True, metavar="SRC", help=f"tokenizer checkpoint: {SOURCE_HELP}")
     p.add_argument("--format", default="auto", choices=["auto", "webdataset", "parquet", "imagefolder"])
@@ -48,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-actor", type=float, default=None, help="CPUs per actor for decoding (default: split evenly)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="encoder precision (default: fp32)")
     p.add_argument("--max-retries", type=int, default=3, help="retries of a failed shard (default: 3)")
+    p.add_argument("--keep", action="append", default=[], metavar="FIELD[,FIELD...]",
+                   help="passthrough columns: webdataset .json sidecar fields (typed from the first shard's first "
+                   "1000 samples; FIELD:TYPE with TYPE bool|int64|float64|string|json fixes a type) or Parquet source "
+                   "columns (their own type). A name equal to one of ours (key, label, caption, width, height, ...) "
+                   "becomes src_NAME. Values of another type are stored as null and counted in the shard stats")
+    p.add_argument("--keep-all-json", action="store_true",
+                   help="keep every field seen in the sampled .json sidecars (webdataset), as --keep does")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="run without named input shards that do not exist, recording them in pretok.json "
+                   "(default: fail before any work, naming them)")
     p.add_argument("--images-per-shard", type=int, default=1000, help="image-folder shard size (default: 1000)")
     p.add_argument("--storage-options", type=storage_options, default=None, metavar="JSON",
                    help='fsspec options, e.g. \'{"endpoint_url": "http://minio:9000"}\'')
@@ -67,10 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> PretokenizeConfig:
     return PretokenizeConfig(
-        input=args.input, output=args.output, tokenizer=args.tokenizer, format=args.format, split=args.split,
+        input=tuple(args.input), output=args.output, tokenizer=args.tokenizer, format=args.format, split=args.split,
         resolution=args.resolution, views=args.views, batch_size=args.batch_size, actors=args.actors,
         gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, precision=args.precision,
-        max_retries=args.max_retries, images_per_shard=args.images_per_shard,
+        max_retries=args.max_retries, images_per_shard=args.images_per_shard, keep=tuple(args.keep),
+        keep_all_json=args.keep_all_json, allow_missing=args.allow_missing,
         storage_options=args.storage_options, overwrite=args.overwrite, progress=not args.no_progress,
         token_count_mse=args.token_count_mse, token_count_steps=args.token_count_steps,
         token_count_guidance=args.token_count_guidance, token_count_seed=args.token_count_seed,

@@ -37,7 +37,7 @@ PROGRESS_EVERY_S = 0.5  # how often the driver asks the actors for their image c
 
 @dataclass(frozen=True)
 class PretokenizeConfig:
-    input: str
+    input: str | tuple[str, ...]        # one INPUT or several (each may hold brace groups or be @list)
     output: str
     tokenizer: str
     format: str = "auto"
@@ -51,6 +51,9 @@ class PretokenizeConfig:
     precision: str = "fp32"
     max_retries: int = 3
     images_per_shard: int = 1000        # imagefolder chunking
+    keep: tuple[str, ...] = ()          # passthrough columns, FIELD[:TYPE] specs (comma lists allowed)
+    keep_all_json: bool = False         # every field of the webdataset .json sidecars
+    allow_missing: bool = False         # named shards that do not exist are recorded, not an error
     storage_options: dict | None = None
     overwrite: bool = False
     progress: bool = True
@@ -69,6 +72,7 @@ class RunSummary:
     shards_skipped_done: int
     shards_written: int
     shards_failed: list[dict] = field(default_factory=list)
+    shards_missing: int = 0
     rows_in: int = 0
     rows_written: int = 0
     rows_skipped: int = 0
@@ -87,6 +91,8 @@ class RunSummary:
             f"rows     {self.rows_in} in = {self.rows_written} written + {self.rows_skipped} skipped (all done shards)",
             f"time     {self.seconds:.1f} s this run ({rate:.1f} img/s)",
         ]
+        if self.shards_missing:
+            lines.append(f"missing  {self.shards_missing} named input shards do not exist (listed in pretok.json)")
         lines += [f"FAILED   shard {f['index']}: {f['error']}" for f in self.shards_failed]
         return "\n".join(lines)
 
@@ -178,20 +184,22 @@ def run_pretokenize(cfg: PretokenizeConfig) -> RunSummary:
         raise ValueError(f"precision must be fp32 or bf16, not {cfg.precision!r}")
     token_counts = _token_count_settings(cfg, tok)
     transform = ImageTransform(resolution, cfg.views)
-    listing = list_source(cfg.input, cfg.format, so, cfg.images_per_shard)
-    layout = OutputLayout(cfg.output, cfg.split, len(listing.shards))
+    listing = list_source(cfg.input, cfg.format, so, cfg.images_per_shard, cfg.keep, cfg.keep_all_json,
+                          cfg.allow_missing)
+    layout = OutputLayout(cfg.output, cfg.split, listing.num_shards)
     manifest = build_manifest(tok, transform, cfg.precision, listing, cfg.split,
                               token_counts.describe() if token_counts else None)
     manifest = prepare_output(layout, manifest, cfg.overwrite, so)
     fp = run_fingerprint(manifest, cfg.split)
     done = Ledger.read(layout, fp, so).done
     pending = [s for s in listing.shards if s.index not in done]
-    summary = RunSummary(redact_url(cfg.output), cfg.split, len(listing.shards), len(done), 0)
+    summary = RunSummary(redact_url(cfg.output), cfg.split, len(listing.shards), len(done), 0,
+                         shards_missing=len(listing.missing))
     if pending:
         schema = TokenSchema(
             tok.num_tokens, transform.num_views, listing.has_labels,
             tuple(listing.label_names) if listing.label_names else None, listing.has_captions,
-            token_counts is not None,
+            token_counts is not None, listing.kept,
         )
         started = _ensure_ray()
         try:

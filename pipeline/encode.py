@@ -27,6 +27,7 @@ from .ledger import ShardStats, redact_url
 from .records import DecodedImage, InputShard, Record, SkippedRecord
 from .schema import TokenSchema
 from .sources import iter_records
+from .sources.passthrough import KeptValues
 from .writer import ShardWriter
 
 
@@ -84,13 +85,15 @@ def encode_shard(
     writer = ShardWriter(job.layout, shard.index, job.schema, job.manifest, job.storage_options)
     skipped: list[dict] = []
     rows_in = 0
+    kept = KeptValues(job.schema.kept, job.schema.kept_types())
+    columns = [f.source for f in job.schema.kept if f.json_type is None]
 
     def decode(record: Record) -> DecodedImage | SkippedRecord:
         return decode_record(record, job.transform)
 
     try:
         with ThreadPoolExecutor(max(1, job.decode_threads), thread_name_prefix="decode") as pool:
-            batches = _batches(iter_records(shard, job.storage_options), job.batch_size)
+            batches = _batches(iter_records(shard, job.storage_options, columns), job.batch_size)
             ahead: list[Future] | None = None
             for batch in itertools.chain(batches, [None]):
                 submitted = [pool.submit(decode, r) for r in batch] if batch is not None else None
@@ -100,6 +103,7 @@ def encode_shard(
                     good = [r for r in results if isinstance(r, DecodedImage)]
                     skipped += [{"key": r.key, "reason": r.reason} for r in results if isinstance(r, SkippedRecord)]
                     if good:
+                        good = kept.apply(good)
                         tokens = encode_views(tok, good, job.precision)
                         if job.token_counts is not None:
                             good = with_token_counts(tok, good, tokens, job.token_counts, job.precision)
@@ -117,6 +121,7 @@ def encode_shard(
             run_fingerprint=job.run_fingerprint,
             seconds=round(time.time() - start, 3),
             worker=worker or {},
+            kept_nulls=kept.nulls,
         )
         return writer.commit(stats)
     except BaseException:

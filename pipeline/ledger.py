@@ -31,6 +31,7 @@ class ShardStats:
     run_fingerprint: str = ""
     seconds: float = 0.0
     worker: dict = field(default_factory=dict)       # node id, GPU ids, attempt
+    kept_nulls: dict = field(default_factory=dict)   # kept column -> {missing|wrong_type|invalid_json: n}
 
     def __post_init__(self) -> None:
         if self.rows_in != self.rows_written + len(self.skipped):

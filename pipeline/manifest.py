@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import metadata
 
 from tokenizer.checkpoint import Checkpoint, read_checkpoint
@@ -17,6 +17,7 @@ from .sources.storage import storage_errors
 from .writer import write_text_atomic
 
 FORMAT_VERSION = 1
+MISSING_KEY = "missing"  # a split's named input shards that did not exist (--allow-missing): informative
 
 
 class ManifestMismatch(RuntimeError):
@@ -78,8 +79,18 @@ def build_manifest(
     token_counts: dict | None = None,
 ) -> dict:
     """``token_counts``: the settings of the ``num_tokens_needed`` column, None when it is off."""
-    # Names only: fixing a corrupt input shard (new size) and rerunning must stay possible.
-    shard_list = [[s.index, redact_url(s.url), list(s.members)] for s in listing.shards]
+    # Names only: fixing a corrupt input shard (new size) and rerunning must stay possible. Named
+    # shards still missing count too, so a rerun once they exist resumes into the same names.
+    named = sorted((*listing.shards, *listing.missing), key=lambda s: s.index)
+    shard_list = [[s.index, redact_url(s.url), list(s.members)] for s in named]
+    split_entry = {
+        "input": redact_url(listing.url),
+        "format": listing.format,
+        "num_shards": listing.num_shards,
+        "shard_list_sha256": _sha(shard_list),
+    }
+    if listing.missing:
+        split_entry[MISSING_KEY] = [redact_url(s.url) for s in listing.missing]
     return {
         "format_version": FORMAT_VERSION,
         "tokenizer": tok.__dict__.copy(),
@@ -87,39 +98,39 @@ def build_manifest(
         "precision": precision,
         "token_counts": token_counts,
         "label_names": list(listing.label_names) if listing.label_names else None,
-        "splits": {
-            split: {
-                "input": redact_url(listing.url),
-                "format": listing.format,
-                "num_shards": len(listing.shards),
-                "shard_list_sha256": _sha(shard_list),
-            }
-        },
+        "kept": [asdict(f) for f in listing.kept] or None,
+        "splits": {split: split_entry},
         "software": _software(),
     }
 
 
 def run_fingerprint(manifest: dict, split: str) -> str:
     """Identity of the tokens one split holds: tokenizer, transform, precision, token-count
-    settings (when on) and its inputs.
+    settings and kept columns (when on) and its inputs.
 
     Software versions are recorded but not compared, so an upgrade does not block a resume.
     """
     parts = [manifest["tokenizer"]["fingerprint"], manifest["transform"], manifest["precision"],
-             split, manifest["splits"][split]]
-    if manifest.get("token_counts") is not None:  # absent or null: the fingerprint of earlier versions
-        parts.append(manifest["token_counts"])
+             split, _split_identity(manifest["splits"][split])]
+    for optional in ("token_counts", "kept"):  # absent or null: the fingerprint of earlier versions
+        if manifest.get(optional) is not None:
+            parts.append(manifest[optional])
     return _sha(parts)
+
+
+def _split_identity(entry: dict) -> dict:
+    """A split's manifest entry without the shards still missing (they may appear later)."""
+    return {k: v for k, v in entry.items() if k != MISSING_KEY}
 
 
 def _mismatch(old: dict, new: dict, split: str) -> list[str]:
     diffs = []
     if old.get("tokenizer", {}).get("fingerprint") != new["tokenizer"]["fingerprint"]:
         diffs.append(f"tokenizer {old.get('tokenizer', {}).get('name')} -> {new['tokenizer']['name']} (fingerprint differs)")
-    for field in ("transform", "precision", "token_counts", "label_names"):
+    for field in ("transform", "precision", "token_counts", "label_names", "kept"):
         if old.get(field) != new.get(field):
             diffs.append(f"{field}: {old.get(field)} -> {new.get(field)}")
-    if split in old.get("splits", {}) and old["splits"][split] != new["splits"][split]:
+    if split in old.get("splits", {}) and _split_identity(old["splits"][split]) != _split_identity(new["splits"][split]):
         diffs.append(f"split {split!r} input: {old['splits'][split]} -> {new['splits'][split]}")
     return diffs
 

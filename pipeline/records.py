@@ -19,15 +19,32 @@ class InputShard:
 
 
 @dataclass(frozen=True)
+class KeptField:
+    """A passthrough column chosen with ``--keep``: its source, output name and fixed type."""
+
+    source: str                   # webdataset: field of the ``.json`` sidecar; Parquet: source column
+    column: str                   # output column (``src_`` + source when that is one of our columns)
+    feature: dict                 # Hugging Face feature, datasets' dict form ({"dtype": ..., "_type": "Value"})
+    json_type: str | None = None  # webdataset: bool | int64 | float64 | string | json; None for Parquet
+
+
+@dataclass(frozen=True)
 class SourceListing:
     """What the driver learns about an input before any image is read."""
 
-    url: str
+    url: str                      # the input as given (several INPUTs joined by spaces)
     format: str
-    shards: tuple[InputShard, ...]
+    shards: tuple[InputShard, ...]  # present shards; index = position among all named shards
     label_names: tuple[str, ...] | None = None  # ClassLabel names when known
     has_labels: bool = False
     has_captions: bool = False
+    kept: tuple[KeptField, ...] = ()
+    missing: tuple[InputShard, ...] = ()  # named by the input but absent (``allow_missing``)
+
+    @property
+    def num_shards(self) -> int:
+        """Shards the input names, present or missing: the ``-of-{n}`` of every output name."""
+        return len(self.shards) + len(self.missing)
 
 
 @dataclass

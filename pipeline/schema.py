@@ -8,6 +8,8 @@ import numpy as np
 import pyarrow as pa
 from datasets import ClassLabel, Features, List, Value
 
+from .records import KeptField
+
 
 @dataclass(frozen=True)
 class TokenSchema:
@@ -17,6 +19,7 @@ class TokenSchema:
     label_names: tuple[str, ...] | None = None
     has_captions: bool = False
     has_token_counts: bool = False   # the int32 ``num_tokens_needed`` column (ordered tokenizers)
+    kept: tuple[KeptField, ...] = ()  # passthrough columns (``--keep``), after ``height``
 
     def features(self) -> Features:
         cols = {
@@ -31,7 +34,13 @@ class TokenSchema:
             cols["caption"] = Value("string")
         cols["width"] = Value("int32")
         cols["height"] = Value("int32")
+        cols.update(Features.from_dict({f.column: f.feature for f in self.kept}))
         return Features(cols)
+
+    def kept_types(self) -> dict[str, pa.DataType]:
+        """Output column -> Arrow type of each kept column."""
+        schema = self.features().arrow_schema
+        return {f.column: schema.field(f.column).type for f in self.kept}
 
     def arrow_schema(self, manifest: dict) -> pa.Schema:
         """The Features' own Arrow schema (so ``datasets`` restores them exactly: label is stored
@@ -40,7 +49,8 @@ class TokenSchema:
         return schema.with_metadata({**schema.metadata, b"pretok": json.dumps(manifest, sort_keys=True).encode()})
 
     def record_batch(self, schema: pa.Schema, rows: list, tokens: np.ndarray) -> pa.RecordBatch:
-        """DecodedImage rows (``num_tokens_needed`` read only with token counts) + uint16 tokens [B,V,N]."""
+        """DecodedImage rows (``num_tokens_needed`` read only with token counts; kept values in
+        ``extra`` by output column, as ``KeptValues`` made them) + uint16 tokens [B,V,N]."""
         b = len(rows)
         if tokens.shape != (b, self.num_views, self.num_tokens) or tokens.dtype != np.uint16:
             raise ValueError(f"tokens must be uint16 {(b, self.num_views, self.num_tokens)}, got {tokens.dtype} {tokens.shape}")
@@ -58,4 +68,6 @@ class TokenSchema:
             cols["caption"] = pa.array([r.caption for r in rows], pa.string())
         cols["width"] = pa.array([r.width for r in rows], pa.int32())
         cols["height"] = pa.array([r.height for r in rows], pa.int32())
+        for f in self.kept:
+            cols[f.column] = pa.array([r.extra.get(f.column) for r in rows], schema.field(f.column).type)
         return pa.RecordBatch.from_arrays([cols[f.name] for f in schema], schema=schema)

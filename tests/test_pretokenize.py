@@ -15,8 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-from datasets import ClassLabel, load_dataset
+from datasets import ClassLabel, List, Value, load_dataset
 
+from jobs.pretokenize import main as pretokenize_main
 from pipeline.decode import decode_record
 from pipeline.distributor import PretokenizeConfig, run_pretokenize
 from pipeline.ledger import ShardStats
@@ -25,6 +26,7 @@ from pipeline.records import DecodedImage
 from pipeline.sources import iter_records, list_source
 from pipeline.synthetic import write_synthetic
 from tests.hub_cache import TOKEN_CANARY, use_hub_cache
+from tests.laion_fixtures import COARSE_NAMES, write_imagenet_parquet, write_laion
 from tests.titok_fixtures import write_titok_checkpoint
 from tokenizer import load_tokenizer
 from tokenizer.transform import ImageTransform
@@ -235,3 +237,95 @@ def test_tokenizer_by_hub_repo_id(cluster, tok_dir, tmp_path, monkeypatch, capfd
     logs = capfd.readouterr()
     assert TOKEN_CANARY not in logs.out + logs.err
     assert not any(TOKEN_CANARY.encode() in p.read_bytes() for p in Path(out).rglob("*") if p.is_file())
+
+
+LAION_KEEP = ("url,similarity,AESTHETIC_SCORE", "original_width,exif,key,width")
+LAION_FEATURES = {
+    "url": Value("string"), "similarity": Value("float64"), "AESTHETIC_SCORE": Value("float64"),
+    "original_width": Value("int64"), "exif": Value("string"), "src_key": Value("string"), "src_width": Value("int64"),
+}
+
+
+def _laion_expected(sidecar) -> dict:
+    """The kept values a sidecar must give: its typed values, null where a value does not fit."""
+    if not isinstance(sidecar, dict):
+        return dict.fromkeys(LAION_FEATURES)
+    number = {k: float(v) if isinstance(v := sidecar.get(k), (int, float)) else None for k in ("similarity", "AESTHETIC_SCORE")}
+    width = sidecar["original_width"]
+    return {
+        "url": sidecar["url"], **number, "original_width": width if isinstance(width, int) else None,
+        "exif": json.dumps(sidecar["exif"], sort_keys=True) if "exif" in sidecar else None,
+        "src_key": sidecar["key"], "src_width": sidecar["width"],
+    }
+
+
+def test_laion_kept_fields_round_trip_through_load_dataset(cluster, tok_dir, tmp_path):
+    inp, out = tmp_path / "laion", str(tmp_path / "out")
+    sidecars = write_laion(str(inp))
+    summary = run_pretokenize(config(f"{inp}/{{00000..00001}}.tar", out, tok_dir, actors=1, keep=LAION_KEEP))
+    assert summary.ok and summary.rows_written == 12
+
+    ds = load_dataset(out, split="train", cache_dir=str(tmp_path / "hf"))
+    assert {c: ds.features[c] for c in LAION_FEATURES} == LAION_FEATURES
+    assert ds.column_names == ["key", "tokens", "label", "caption", "width", "height"][:0] + ds.column_names
+    rows = {r["key"]: {c: r[c] for c in LAION_FEATURES} for r in ds}
+    assert rows == {k: _laion_expected(s) for k, s in sidecars.items()}
+    assert rows["000100000"]["similarity"] is None and rows["000100001"]["original_width"] is None  # wrong types
+    assert json.loads(rows["000100005"]["exif"]) == {"GPS": [1, 2], "Image Make": "Nikon"}
+
+    pretty = ds.filter(lambda r: r["AESTHETIC_SCORE"] is not None and r["AESTHETIC_SCORE"] >= 6.5)
+    assert sorted(pretty["key"]) == sorted(k for k, v in rows.items() if (v["AESTHETIC_SCORE"] or 0) >= 6.5)
+    assert len(pretty) == 5
+
+    first, later = (s.kept_nulls for s in stats_of(out))
+    assert first == {"AESTHETIC_SCORE": {"missing": 1}, "exif": {"missing": 1}}
+    broken = {"invalid_json": 1, "missing": 1}
+    assert later == {c: {**broken, **({"wrong_type": 1} if c in ("similarity", "original_width") else {})}
+                     for c in sorted(LAION_FEATURES)}
+    manifest = json.loads(Path(out, "pretok.json").read_text())
+    assert [(f["source"], f["column"], f["json_type"]) for f in manifest["kept"]][-2:] == [
+        ("key", "src_key", "string"), ("width", "src_width", "int64")]
+    with pytest.raises(ManifestMismatch, match="kept"):  # the kept fields are part of the fingerprint
+        run_pretokenize(config(f"{inp}/{{00000..00001}}.tar", out, tok_dir, actors=1, keep=("url",)))
+
+
+def test_parquet_extra_columns_round_trip(cluster, tok_dir, tmp_path):
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    expected = write_imagenet_parquet(inp)
+    summary = run_pretokenize(config(inp, out, tok_dir, actors=1, keep=("synset,coarse,bbox,score",)))
+    assert summary.ok and summary.rows_written == 8
+    ds = load_dataset(out, split="train", cache_dir=str(tmp_path / "hf"))
+    assert ds.features["label"].names == ["tench", "goldfish", "shark"]
+    assert (ds.features["coarse"], ds.features["bbox"], ds.features["score"], ds.features["synset"]) == (
+        ClassLabel(names=COARSE_NAMES), List(Value("float32")), Value("float32"), Value("string"))
+    assert "blob" not in ds.column_names
+    got = {r["key"]: {c: r[c] for c in ("synset", "coarse", "bbox", "score")} for r in ds}
+    assert got == expected
+    assert [s.kept_nulls for s in stats_of(out)] == [{}, {"score": {"wrong_type": 4}, "synset": {"missing": 4}}]
+
+
+def test_missing_shards_fail_first_or_are_recorded_and_filled_later(cluster, tok_dir, tmp_path, capsys):
+    inp, out = tmp_path / "in", str(tmp_path / "out")
+    write_synthetic(str(inp), "webdataset", num_shards=3, images_per_shard=3, seed=9)
+    held = inp / "00001.tar"
+    data = held.read_bytes()
+    held.unlink()
+    pattern = f"{inp}/{{00000..00002}}.tar"
+    assert pretokenize_main([pattern, out, "--tokenizer", tok_dir, "--no-progress"]) == 2
+    assert f"1 of 3 named shards do not exist: file://{held}; --allow-missing" in capsys.readouterr().err
+    assert not Path(out).exists()
+
+    summary = run_pretokenize(config(pattern, out, tok_dir, actors=1, allow_missing=True))
+    assert summary.ok and (summary.shards_written, summary.shards_missing) == (2, 1)
+    assert "missing  1 named input shards" in summary.describe()
+    split = json.loads(Path(out, "pretok.json").read_text())["splits"]["train"]
+    assert (split["missing"], split["num_shards"]) == ([f"file://{held}"], 3)
+    written = {p: p.stat().st_mtime_ns for p in Path(out, "data").iterdir()}
+    assert sorted(p.name for p in written) == ["train-00000-of-00003.parquet", "train-00002-of-00003.parquet"]
+
+    held.write_bytes(data)  # the shard arrives: the same names, only it is written
+    filled = run_pretokenize(config(pattern, out, tok_dir, actors=1))
+    assert filled.ok and (filled.shards_written, filled.shards_skipped_done, filled.shards_missing) == (1, 2, 0)
+    assert all(p.stat().st_mtime_ns == t for p, t in written.items())
+    assert "missing" not in json.loads(Path(out, "pretok.json").read_text())["splits"]["train"]
+    assert load_dataset(out, split="train", cache_dir=str(tmp_path / "hf")).num_rows == 9

@@ -229,12 +229,12 @@ def test_parquet_plain_binary_image_column_and_passthrough(tmp_path):
     pq.write_table(table, tmp_path / "part-0.parquet", row_group_size=2)
     listing = list_source(str(tmp_path))
     assert (listing.has_labels, listing.label_names, listing.has_captions) == (True, None, False)
-    records = read_all(listing)[0]
-    assert [(r.key, r.image, r.label, r.extra) for r in records] == [
-        ("part-0:0", b"a", 1, {"url": "u0"}),
-        ("part-0:1", b"b", None, {"url": "u1"}),
-        ("part-0:2", None, 0, {"url": "u2"}),
+    assert [(r.key, r.image, r.label, r.extra) for r in read_all(listing)[0]] == [
+        ("part-0:0", b"a", 1, {}),  # columns not asked for are not read
+        ("part-0:1", b"b", None, {}),
+        ("part-0:2", None, 0, {}),
     ]
+    assert [r.extra for r in iter_records(listing.shards[0], columns=["url"])] == [{"url": f"u{i}"} for i in range(3)]
 
 
 def test_parquet_struct_without_path_keys_by_row_and_missing_image_column_fails(tmp_path):

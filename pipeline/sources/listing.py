@@ -1,6 +1,8 @@
 """Turn an input URL into a sorted list of shards (no image is read)."""
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from contextlib import closing
 
 import fsspec
@@ -8,23 +10,27 @@ import fsspec
 from pipeline.layout import filesystem
 from pipeline.records import FORMATS, InputShard, SourceListing
 from pipeline.sources import imagefolder
+from pipeline.sources.expand import expand_inputs, has_glob, locate
 from pipeline.sources.parquet import read_columns
+from pipeline.sources.passthrough import SAMPLE_SIDECARS, json_fields, parse_keep
 from pipeline.sources.storage import SourceError, is_hidden, storage_errors
 from pipeline.sources.webdataset import read_webdataset
 
 EXTENSIONS = {"webdataset": (".tar",), "parquet": (".parquet",), "imagefolder": imagefolder.IMAGE_EXTENSIONS}
-_GLOB_CHARS = "*?["
+MISSING_SHOWN = 5  # missing shard names quoted in the error
 
-Files = list[tuple[str, int | None]]  # (path relative to the root, size in bytes), sorted
+Files = list[tuple[str, int | None]]  # (path relative to a root, or URL; size in bytes), sorted
 
 
 def _expand(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, Files]:
     """``(root, files)``: a glob's fixed prefix, a directory, or a single file's parent, and the
     non-hidden files under it (recursively), sorted by path."""
-    if any(c in path for c in _GLOB_CHARS):
+    if has_glob(path):
         parts = path.split("/")
-        fixed = next(i for i, part in enumerate(parts) if any(c in part for c in _GLOB_CHARS))
+        fixed = next(i for i, part in enumerate(parts) if has_glob(part))
         root, infos = "/".join(parts[:fixed]), fs.glob(path, detail=True).values()
+        if not any(info["type"] == "file" for info in infos):
+            raise SourceError(f"no files match {fs.unstrip_protocol(path)}")
     else:
         info = fs.info(path)
         if info["type"] == "directory":
@@ -54,47 +60,102 @@ def _pick_format(requested: str, files: Files) -> tuple[str, Files]:
     return requested, matching[requested]
 
 
+def _missing_error(missing: list[str], named: int) -> SourceError:
+    first = sorted(missing)[:MISSING_SHOWN]
+    shown = ", ".join(first) + (f" and {len(missing) - len(first)} more" if len(missing) > len(first) else "")
+    return SourceError(
+        f"{len(missing)} of {named} named shards do not exist: {shown}; "
+        "--allow-missing runs without them and records them in pretok.json"
+    )
+
+
 def list_source(
-    url: str,
+    url: str | Sequence[str],
     format: str = "auto",
     storage_options: dict | None = None,
     images_per_shard: int = 1000,
+    keep: Sequence[str] = (),
+    keep_all_json: bool = False,
+    allow_missing: bool = False,
 ) -> SourceListing:
-    """List the input shards at ``url`` (fsspec URL or local path: a directory, a file or a glob).
+    """List the input shards of ``url``: one or several INPUTs (fsspec URLs or local paths), each
+    a directory, a file, a glob, a pattern with brace groups or an ``@list`` file (see
+    ``expand``).
 
-    A directory is searched recursively (hidden files skipped). Shards are sorted by path and
-    ``InputShard.index`` is the position. Image folders are chunked into shards of
-    ``images_per_shard`` images in sorted path order; labels come from class subfolders (label id =
-    position among the sorted subfolders of the root). Webdataset labels/captions are detected from
-    the first sample, Parquet columns and ClassLabel names from the first shard's footer.
-    Raises ``SourceError`` (naming ``url``, never a credential) for a missing, empty, unreachable
-    or mismatched input.
+    A directory is searched recursively (hidden files skipped). Shards are sorted by URL (with
+    duplicates dropped) and ``InputShard.index`` is the position among all named shards, missing
+    ones included, so names do not depend on which shards exist yet. Named shards that do not
+    exist fail the listing unless ``allow_missing`` (then they are ``SourceListing.missing``).
+    Image folders (a single INPUT) are chunked into shards of ``images_per_shard`` images in
+    sorted path order; labels come from class subfolders (label id = position among the sorted
+    subfolders of the root). Webdataset labels/captions are detected from the first sample,
+    Parquet columns and ClassLabel names from the first shard's footer. ``keep``
+    (``FIELD[:TYPE]`` specs) and ``keep_all_json`` choose the passthrough columns, typed from the
+    first shard (``passthrough``). Raises ``SourceError`` (naming the input, never a credential)
+    for a missing, empty, unreachable or mismatched input.
     """
+    inputs = (url,) if isinstance(url, str) else tuple(url)
+    if not inputs:
+        raise SourceError("no input given")
     if format not in ("auto", *FORMATS):
         raise SourceError(f"format must be auto or one of {FORMATS}, not {format!r}")
     if images_per_shard < 1:
         raise SourceError(f"images_per_shard must be >= 1, not {images_per_shard}")
-    with storage_errors("cannot list", url, storage_options):
-        fs, path = filesystem(url, storage_options)
-        root, files = _expand(fs, path)
-        fmt, files = _pick_format(format, files)
+    described = " ".join(inputs)
+    with storage_errors("cannot list", described, storage_options):
+        kept = parse_keep(keep)
+        names = expand_inputs(inputs, storage_options)
+        located = locate(names.named, storage_options)
+        if located.missing and not (located.files or located.folders or names.patterns):
+            raise SourceError(f"none of the {len(names.named)} named shards exist (first: {located.missing[0]})")
+        if located.missing and not allow_missing:
+            raise _missing_error(located.missing, len(names.named))
+        found, trees = dict(located.files), []
+        for pattern in (*names.patterns, *located.folders):
+            fs, path = filesystem(pattern, storage_options)
+            try:
+                root, files = _expand(fs, path)
+            except FileNotFoundError:
+                if len(inputs) == 1:
+                    raise
+                raise SourceError(f"not found: {pattern}") from None
+            trees.append((fs, root))
+            found.update((fs.unstrip_protocol(f"{root}/{rel}"), size) for rel, size in files)
+        fmt, files = _pick_format(format, sorted(found.items()))
+        if keep_all_json and fmt != "webdataset":
+            raise SourceError(f"--keep-all-json keeps webdataset .json sidecar fields; the input is {fmt}")
+        if kept and fmt == "imagefolder":
+            raise SourceError("--keep: an image folder has no fields to keep")
         if fmt == "imagefolder":
+            if len(trees) != 1 or names.named:
+                raise SourceError(f"an image folder is read from one INPUT (a folder, a file or a glob), not {described!r}")
+            fs, root = trees[0]
+            prefix = len(fs.unstrip_protocol(root)) + 1
+            files = [(u[prefix:], size) for u, size in files]
             labelled = imagefolder.is_labelled([rel for rel, _ in files])
             shards = imagefolder.chunk_shards(fs.unstrip_protocol(root), files, images_per_shard)
-            names = imagefolder.class_names(fs, root) if labelled else None
-            return SourceListing(url, fmt, shards, label_names=names, has_labels=labelled)
-        shards = tuple(
-            InputShard(index=i, url=fs.unstrip_protocol(f"{root}/{rel}"), format=fmt, size=size)
-            for i, (rel, size) in enumerate(files)
-        )
-        first = f"{root}/{files[0][0]}"
+            label_names = imagefolder.class_names(fs, root) if labelled else None
+            return SourceListing(described, fmt, shards, label_names=label_names, has_labels=labelled)
+        present = dict(files)
+        absent = [u for u in located.missing if u.lower().endswith(EXTENSIONS[fmt])]
+        ordered = sorted({*present, *absent})
+        shards = tuple(InputShard(i, u, fmt, present[u]) for i, u in enumerate(ordered) if u in present)
+        missing = tuple(InputShard(i, u, fmt) for i, u in enumerate(ordered) if u not in present)
+        fs, first = filesystem(shards[0].url, storage_options)
+        where = shards[0].url
         if fmt == "parquet":
             cols = read_columns(fs, first)
-            return SourceListing(url, fmt, shards, cols.label_names, cols.label is not None, cols.caption is not None)
-        with closing(read_webdataset(fs, first)) as records:
+            return SourceListing(described, fmt, shards, cols.label_names, cols.label is not None,
+                                 cols.caption is not None, cols.kept_fields(kept, where), missing)
+        typing = bool(kept or keep_all_json)
+        with closing(read_webdataset(fs, first)) as records:  # images are dropped as they stream by
             sample = next(records, None)
+            rest = itertools.islice(records, SAMPLE_SIDECARS - 1 if typing else 0)
+            sidecars = [r.extra.get("json") for r in itertools.chain([sample] if sample else [], rest)]
         return SourceListing(
-            url, fmt, shards,
+            described, fmt, shards,
             has_labels=sample is not None and sample.label is not None,
             has_captions=sample is not None and sample.caption is not None,
+            kept=json_fields(sidecars, kept, keep_all_json, where) if typing else (),
+            missing=missing,
         )

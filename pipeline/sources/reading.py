@@ -1,7 +1,7 @@
 """Stream the records of one input shard."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from pipeline.layout import filesystem
 from pipeline.records import InputShard, Record
@@ -11,8 +11,13 @@ from pipeline.sources.storage import SourceError, storage_errors
 from pipeline.sources.webdataset import read_webdataset
 
 
-def iter_records(shard: InputShard, storage_options: dict | None = None) -> Iterator[Record]:
+def iter_records(
+    shard: InputShard, storage_options: dict | None = None, columns: Sequence[str] = ()
+) -> Iterator[Record]:
     """The shard's records in a deterministic order, streamed (never the whole shard in memory).
+
+    ``columns``: Parquet source columns to read into ``Record.extra`` (the ``--keep`` columns);
+    other formats ignore it (a webdataset's ``.json`` sidecar text is always in ``extra``).
 
     Any failure (unreachable storage, missing file, truncated or corrupt shard) raises
     ``SourceError`` naming the shard URL, possibly after some records were yielded: a shard that
@@ -23,7 +28,7 @@ def iter_records(shard: InputShard, storage_options: dict | None = None) -> Iter
         if shard.format == "webdataset":
             yield from read_webdataset(fs, path)
         elif shard.format == "parquet":
-            yield from read_parquet(fs, path)
+            yield from read_parquet(fs, path, columns)
         elif shard.format == "imagefolder":
             yield from read_imagefolder(fs, path, shard.members)
         else:
