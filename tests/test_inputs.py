@@ -16,7 +16,7 @@ from pipeline.sources.passthrough import KeptValues, parse_keep
 from pipeline.synthetic import write_synthetic
 from tests.faults import FaultyS3Proxy
 from tests.laion_fixtures import COARSE_NAMES, laion_shards, write_imagenet_parquet, write_laion
-from tests.test_sources import CountingFileSystem
+from tests.test_sources import CountingFileSystem, location  # noqa: F401 - location is a fixture
 
 
 @pytest.mark.parametrize(("pattern", "names"), [
@@ -59,14 +59,6 @@ def test_ranges_lists_and_several_inputs_give_one_sorted_listing(tmp_path):
         assert listing.shards == whole, inputs
         assert listing.missing == () and listing.num_shards == 6
     assert list_source([f"{d}/00001.tar", str(d)]).shards == whole  # a folder and a file in it
-
-
-@pytest.fixture(params=["local", "s3"])
-def location(request, tmp_path) -> tuple[str, dict | None]:
-    if request.param == "local":
-        return str(tmp_path / "data"), None
-    server = request.getfixturevalue("s3_server")
-    return request.getfixturevalue("s3_bucket") + "/laion", server.storage_options
 
 
 def test_missing_named_shards_fail_before_any_work_or_are_recorded(location):

@@ -267,7 +267,7 @@ def test_laion_kept_fields_round_trip_through_load_dataset(cluster, tok_dir, tmp
 
     ds = load_dataset(out, split="train", cache_dir=str(tmp_path / "hf"))
     assert {c: ds.features[c] for c in LAION_FEATURES} == LAION_FEATURES
-    assert ds.column_names == ["key", "tokens", "label", "caption", "width", "height"][:0] + ds.column_names
+    assert ds.column_names == ["key", "tokens", "caption", "width", "height", *LAION_FEATURES]
     rows = {r["key"]: {c: r[c] for c in LAION_FEATURES} for r in ds}
     assert rows == {k: _laion_expected(s) for k, s in sidecars.items()}
     assert rows["000100000"]["similarity"] is None and rows["000100001"]["original_width"] is None  # wrong types

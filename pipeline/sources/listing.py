@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from contextlib import closing
+from dataclasses import dataclass
 
 import fsspec
 
@@ -69,6 +70,76 @@ def _missing_error(missing: list[str], named: int) -> SourceError:
     )
 
 
+@dataclass
+class _Found:
+    files: dict[str, int | None]                           # URL -> size of every file found
+    trees: list[tuple[fsspec.AbstractFileSystem, str]]     # (fs, root) of each searched folder/glob
+    named: bool                                            # some inputs named shards
+    missing: list[str]                                     # named URLs that do not exist
+
+
+def _find(inputs: Sequence[str], storage_options: dict | None, allow_missing: bool) -> _Found:
+    names = expand_inputs(inputs, storage_options)
+    located = locate(names.named, storage_options)
+    if located.missing and not (located.files or located.folders or names.patterns):
+        raise SourceError(f"none of the {len(names.named)} named shards exist (first: {located.missing[0]})")
+    if located.missing and not allow_missing:
+        raise _missing_error(located.missing, len(names.named))
+    found = _Found(dict(located.files), [], bool(names.named), located.missing)
+    for pattern in (*names.patterns, *located.folders):
+        fs, path = filesystem(pattern, storage_options)
+        try:
+            root, files = _expand(fs, path)
+        except FileNotFoundError:
+            if len(inputs) == 1:
+                raise
+            raise SourceError(f"not found: {pattern}") from None
+        found.trees.append((fs, root))
+        found.files.update((fs.unstrip_protocol(f"{root}/{rel}"), size) for rel, size in files)
+    return found
+
+
+def _image_folder(described: str, found: _Found, files: Files, images_per_shard: int) -> SourceListing:
+    if len(found.trees) != 1 or found.named:
+        raise SourceError(f"an image folder is read from one INPUT (a folder, a file or a glob), not {described!r}")
+    fs, root = found.trees[0]
+    prefix = len(fs.unstrip_protocol(root)) + 1
+    files = [(url[prefix:], size) for url, size in files]
+    labelled = imagefolder.is_labelled([rel for rel, _ in files])
+    shards = imagefolder.chunk_shards(fs.unstrip_protocol(root), files, images_per_shard)
+    label_names = imagefolder.class_names(fs, root) if labelled else None
+    return SourceListing(described, "imagefolder", shards, label_names=label_names, has_labels=labelled)
+
+
+def _shard_files(
+    described: str, fmt: str, files: Files, missing: list[str], keep: dict[str, str | None], keep_all_json: bool,
+    storage_options: dict | None,
+) -> SourceListing:
+    """Tar or Parquet shards (missing ones keep their place), described from the first one."""
+    present = dict(files)
+    absent = [url for url in missing if url.lower().endswith(EXTENSIONS[fmt])]
+    ordered = sorted({*present, *absent})
+    shards = tuple(InputShard(i, url, fmt, present[url]) for i, url in enumerate(ordered) if url in present)
+    gone = tuple(InputShard(i, url, fmt) for i, url in enumerate(ordered) if url not in present)
+    fs, first = filesystem(shards[0].url, storage_options)
+    if fmt == "parquet":
+        cols = read_columns(fs, first)
+        return SourceListing(described, fmt, shards, cols.label_names, cols.label is not None,
+                             cols.caption is not None, cols.kept_fields(keep, shards[0].url), gone)
+    typing = bool(keep or keep_all_json)
+    with closing(read_webdataset(fs, first)) as records:  # images are dropped as they stream by
+        sample = next(records, None)
+        rest = itertools.islice(records, SAMPLE_SIDECARS - 1 if typing else 0)
+        sidecars = [r.extra.get("json") for r in itertools.chain([sample] if sample else [], rest)]
+    return SourceListing(
+        described, fmt, shards,
+        has_labels=sample is not None and sample.label is not None,
+        has_captions=sample is not None and sample.caption is not None,
+        kept=json_fields(sidecars, keep, keep_all_json, shards[0].url) if typing else (),
+        missing=gone,
+    )
+
+
 def list_source(
     url: str | Sequence[str],
     format: str = "auto",
@@ -79,20 +150,19 @@ def list_source(
     allow_missing: bool = False,
 ) -> SourceListing:
     """List the input shards of ``url``: one or several INPUTs (fsspec URLs or local paths), each
-    a directory, a file, a glob, a pattern with brace groups or an ``@list`` file (see
-    ``expand``).
+    a directory, a file, a glob, a pattern with brace groups or an ``@list`` file (``expand``).
 
-    A directory is searched recursively (hidden files skipped). Shards are sorted by URL (with
-    duplicates dropped) and ``InputShard.index`` is the position among all named shards, missing
-    ones included, so names do not depend on which shards exist yet. Named shards that do not
-    exist fail the listing unless ``allow_missing`` (then they are ``SourceListing.missing``).
-    Image folders (a single INPUT) are chunked into shards of ``images_per_shard`` images in
-    sorted path order; labels come from class subfolders (label id = position among the sorted
-    subfolders of the root). Webdataset labels/captions are detected from the first sample,
-    Parquet columns and ClassLabel names from the first shard's footer. ``keep``
-    (``FIELD[:TYPE]`` specs) and ``keep_all_json`` choose the passthrough columns, typed from the
-    first shard (``passthrough``). Raises ``SourceError`` (naming the input, never a credential)
-    for a missing, empty, unreachable or mismatched input.
+    A directory is searched recursively (hidden files skipped). Shards are sorted by URL (each
+    once) and ``InputShard.index`` is the position among all named shards, missing ones
+    included, so output names do not depend on which shards exist yet. Named shards that do not
+    exist fail the listing, naming the first few, unless ``allow_missing`` (then they are
+    ``SourceListing.missing``). Image folders (one INPUT) are chunked into shards of
+    ``images_per_shard`` images in sorted path order; labels come from class subfolders (label id
+    = position among the sorted subfolders of the root). Webdataset labels/captions are detected
+    from the first sample, Parquet columns and ClassLabel names from the first shard's footer.
+    ``keep`` (``FIELD[:TYPE]`` specs) and ``keep_all_json`` choose the passthrough columns, typed
+    from the first shard (``passthrough``). Raises ``SourceError`` (naming the input, never a
+    credential) for a missing, empty, unreachable or mismatched input.
     """
     inputs = (url,) if isinstance(url, str) else tuple(url)
     if not inputs:
@@ -104,58 +174,12 @@ def list_source(
     described = " ".join(inputs)
     with storage_errors("cannot list", described, storage_options):
         kept = parse_keep(keep)
-        names = expand_inputs(inputs, storage_options)
-        located = locate(names.named, storage_options)
-        if located.missing and not (located.files or located.folders or names.patterns):
-            raise SourceError(f"none of the {len(names.named)} named shards exist (first: {located.missing[0]})")
-        if located.missing and not allow_missing:
-            raise _missing_error(located.missing, len(names.named))
-        found, trees = dict(located.files), []
-        for pattern in (*names.patterns, *located.folders):
-            fs, path = filesystem(pattern, storage_options)
-            try:
-                root, files = _expand(fs, path)
-            except FileNotFoundError:
-                if len(inputs) == 1:
-                    raise
-                raise SourceError(f"not found: {pattern}") from None
-            trees.append((fs, root))
-            found.update((fs.unstrip_protocol(f"{root}/{rel}"), size) for rel, size in files)
-        fmt, files = _pick_format(format, sorted(found.items()))
+        found = _find(inputs, storage_options, allow_missing)
+        fmt, files = _pick_format(format, sorted(found.files.items()))
         if keep_all_json and fmt != "webdataset":
             raise SourceError(f"--keep-all-json keeps webdataset .json sidecar fields; the input is {fmt}")
-        if kept and fmt == "imagefolder":
-            raise SourceError("--keep: an image folder has no fields to keep")
         if fmt == "imagefolder":
-            if len(trees) != 1 or names.named:
-                raise SourceError(f"an image folder is read from one INPUT (a folder, a file or a glob), not {described!r}")
-            fs, root = trees[0]
-            prefix = len(fs.unstrip_protocol(root)) + 1
-            files = [(u[prefix:], size) for u, size in files]
-            labelled = imagefolder.is_labelled([rel for rel, _ in files])
-            shards = imagefolder.chunk_shards(fs.unstrip_protocol(root), files, images_per_shard)
-            label_names = imagefolder.class_names(fs, root) if labelled else None
-            return SourceListing(described, fmt, shards, label_names=label_names, has_labels=labelled)
-        present = dict(files)
-        absent = [u for u in located.missing if u.lower().endswith(EXTENSIONS[fmt])]
-        ordered = sorted({*present, *absent})
-        shards = tuple(InputShard(i, u, fmt, present[u]) for i, u in enumerate(ordered) if u in present)
-        missing = tuple(InputShard(i, u, fmt) for i, u in enumerate(ordered) if u not in present)
-        fs, first = filesystem(shards[0].url, storage_options)
-        where = shards[0].url
-        if fmt == "parquet":
-            cols = read_columns(fs, first)
-            return SourceListing(described, fmt, shards, cols.label_names, cols.label is not None,
-                                 cols.caption is not None, cols.kept_fields(kept, where), missing)
-        typing = bool(kept or keep_all_json)
-        with closing(read_webdataset(fs, first)) as records:  # images are dropped as they stream by
-            sample = next(records, None)
-            rest = itertools.islice(records, SAMPLE_SIDECARS - 1 if typing else 0)
-            sidecars = [r.extra.get("json") for r in itertools.chain([sample] if sample else [], rest)]
-        return SourceListing(
-            described, fmt, shards,
-            has_labels=sample is not None and sample.label is not None,
-            has_captions=sample is not None and sample.caption is not None,
-            kept=json_fields(sidecars, kept, keep_all_json, where) if typing else (),
-            missing=missing,
-        )
+            if kept:
+                raise SourceError("--keep: an image folder has no fields to keep")
+            return _image_folder(described, found, files, images_per_shard)
+        return _shard_files(described, fmt, files, found.missing, kept, keep_all_json, storage_options)
