@@ -146,8 +146,8 @@ def plan_warnings(plan: ActorPlan, gpus_per_actor: float | None) -> list[str]:
         out.append(
             f"the alive nodes hold {plan.capacity} of {plan.actors} actors asking for {{GPU: "
             f"{plan.gpus_per_actor:g}, CPU: {plan.cpus_per_actor:g}}} each; the rest wait for nodes with room (an "
-            "autoscaler may add them). Lower --actors or --cpus-per-actor to fit this cluster, or pass "
-            "--gpus-per-actor 0 to encode on CPU.")
+            "autoscaler may add them). Lower --actors or --cpus-per-actor to fit this cluster"
+            + (", or pass --gpus-per-actor 0 to encode on CPU." if plan.gpus_per_actor > 0 else "."))
     return out
 
 

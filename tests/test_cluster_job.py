@@ -179,7 +179,8 @@ def cluster(s3_server):
 
 
 def submit(rc: RayCluster, job: S3Job, output: str | None = None, timeout: float = JOB_TIMEOUT_S) -> JobRun:
-    """The README's `ray job submit` line for ``job`` (into ``output`` if given), waiting for its end."""
+    """The README's `ray job submit` line for ``job``, waiting for its end. ``output`` replaces the job's
+    output URL (a drill of another output, e.g. a local path, submits the same line)."""
     options, entrypoint = readme_job(job.input, output or job.output, job.tokenizer)
     assert options[options.index("--working-dir") + 1] == "."  # run from the checkout: it uploads ROOT
     options[options.index("--address") + 1] = rc.dashboard

@@ -106,6 +106,12 @@ def test_cpu_actors_given_get_the_largest_share_that_places_them_all():
     assert plan.cpus_per_actor == 3 and plan.capacity == 3
 
 
+def test_too_many_cpu_actors_are_reported():
+    plan = plan_actors([node(2)], actors=4, gpus_per_actor=0, cpus_per_actor=1)
+    (warning,) = plan_warnings(plan, gpus_per_actor=0)
+    assert "hold 2 of 4 actors asking for {GPU: 0, CPU: 1}" in warning and "--gpus-per-actor" not in warning
+
+
 def test_cpu_chosen_explicitly_is_not_a_fallback():
     plan = plan_actors([cpu_head(), node(8, 1)], gpus_per_actor=0)
     assert plan.gpus_per_actor == 0 and plan_warnings(plan, gpus_per_actor=0) == []
