@@ -136,3 +136,15 @@ def test_node_shapes_from_ray_nodes():
 def test_bad_overrides_are_refused(kwargs):
     with pytest.raises(ValueError, match="must be >= "):
         plan_actors([node(4, 1)], **kwargs)
+
+
+def test_cli_sizing_flags(capsys):
+    from jobs.pretokenize import build_parser, config_from_args
+
+    base = ["in", "out", "--tokenizer", "tok"]
+    cfg = config_from_args(build_parser().parse_args([*base, "--cpus-per-actor", "2.5", "--decode-workers", "3"]))
+    assert (cfg.actors, cfg.gpus_per_actor, cfg.cpus_per_actor, cfg.decode_workers) == (None, None, 2.5, 3)
+    for bad in (["--decode-workers", "0"], ["--cpus-per-actor", "-1"], ["--cpus-per-actor", "nan"], ["--actors", "0"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*base, *bad])
+        assert "must be >= " in capsys.readouterr().err
