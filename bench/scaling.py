@@ -37,9 +37,10 @@ from ray.cluster_utils import Cluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.pipeline import make_tokenizer  # noqa: E402
-from pipeline.distributor import PretokenizeConfig, _distribute, _Plan, _Pool, run_pretokenize  # noqa: E402
+from pipeline.distributor import PretokenizeConfig, _distribute, _Pool, run_pretokenize  # noqa: E402
 from pipeline.layout import OutputLayout  # noqa: E402
 from pipeline.ledger import Ledger, ShardStats  # noqa: E402
+from pipeline.plan import ActorPlan  # noqa: E402
 from pipeline.records import InputShard  # noqa: E402
 from pipeline.sources import list_source  # noqa: E402
 from pipeline.synthetic import write_synthetic  # noqa: E402
@@ -156,7 +157,7 @@ class StubPool(_Pool):
     """The distributor's pool with stub actors spread over the nodes (threaded, like the real ones)."""
 
     def __init__(self, actors: int, work_s: float):
-        self.plan, self.work_s = _Plan(actors, 0.0, 0.1), work_s
+        self.plan, self.work_s = ActorPlan(actors, 0.0, 0.1, 1), work_s
         self.actors = [self._new() for _ in range(actors)]
 
     def _new(self):

@@ -14,3 +14,17 @@ def storage_options(text: str) -> dict:
     if not isinstance(options, dict):
         raise argparse.ArgumentTypeError("must be a JSON object")
     return options
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
+    return value

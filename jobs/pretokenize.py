@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
-from jobs.args import storage_options
+from jobs.args import non_negative_float, positive_int, storage_options
 from pipeline.distributor import PretokenizeConfig, run_pretokenize
 from tokenizer.sources import SOURCE_HELP
 from tokenizer.transform import VIEWS
@@ -49,10 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=None, help="crop size (default: the tokenizer's image size)")
     p.add_argument("--views", default="center", choices=sorted(VIEWS), help="views per image (default: center)")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default: 64)")
-    p.add_argument("--actors", type=int, default=None, help="encoder actors (default: one per GPU share)")
-    p.add_argument("--gpus-per-actor", type=float, default=None,
+    p.add_argument("--actors", type=positive_int, default=None,
+                   help="encoder actors (default: one per GPU share; without GPUs one per 4 CPUs)")
+    p.add_argument("--gpus-per-actor", type=non_negative_float, default=None,
                    help="GPUs per actor, fractional allowed; 0 = CPU (default: 1 if the cluster has GPUs, else 0)")
-    p.add_argument("--cpus-per-actor", type=float, default=None, help="CPUs per actor for decoding (default: split evenly)")
+    p.add_argument("--cpus-per-actor", type=non_negative_float, default=None,
+                   help="CPUs each actor asks for (default: the CPUs per GPU of the GPU nodes, the smallest "
+                   "such share so an actor fits on every GPU node; the run logs the plan)")
+    p.add_argument("--decode-workers", type=positive_int, default=None,
+                   help="image decoders per actor (default: one per whole CPU of the actor)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="encoder precision (default: fp32)")
     p.add_argument("--max-retries", type=int, default=3, help="retries of a failed shard (default: 3)")
     p.add_argument("--keep", action="append", default=[], metavar="FIELD[,FIELD...]",
@@ -86,7 +92,8 @@ def config_from_args(args: argparse.Namespace) -> PretokenizeConfig:
     return PretokenizeConfig(
         input=tuple(args.input), output=args.output, tokenizer=args.tokenizer, format=args.format, split=args.split,
         resolution=args.resolution, views=args.views, batch_size=args.batch_size, actors=args.actors,
-        gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, precision=args.precision,
+        gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
+        decode_workers=args.decode_workers, precision=args.precision,
         max_retries=args.max_retries, images_per_shard=args.images_per_shard, keep=tuple(args.keep),
         keep_all_json=args.keep_all_json, allow_missing=args.allow_missing,
         storage_options=args.storage_options, overwrite=args.overwrite, progress=not args.no_progress,
@@ -95,8 +102,20 @@ def config_from_args(args: argparse.Namespace) -> PretokenizeConfig:
     )
 
 
+def _log_to_stderr() -> None:
+    """The driver's log (actor plan, warnings) on stderr, where `ray job logs` shows it."""
+    log = logging.getLogger("pretok")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s pretok %(levelname)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _log_to_stderr()
     try:
         summary = run_pretokenize(config_from_args(args))
     except (ValueError, OSError, RuntimeError) as e:

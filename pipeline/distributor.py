@@ -27,6 +27,7 @@ from .encode import ShardJob
 from .layout import OutputLayout
 from .ledger import Ledger, ShardStats, redact_url
 from .manifest import TokenizerInfo, build_manifest, prepare_output, run_fingerprint
+from .plan import ActorPlan, plan_cluster
 from .records import InputShard
 from .schema import TokenSchema
 from .sources import list_source
@@ -45,9 +46,10 @@ class PretokenizeConfig:
     resolution: int | None = None       # default: the tokenizer's image size
     views: str = "center"
     batch_size: int = 64
-    actors: int | None = None           # default: one per GPU share, or CPUs/4 without GPUs
+    actors: int | None = None           # default: one per GPU share, or one per 4 CPUs without GPUs
     gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0 (CPU)
-    cpus_per_actor: float | None = None  # default: the cluster's CPUs split over the actors
+    cpus_per_actor: float | None = None  # default: the GPU nodes' CPUs per GPU (pipeline.plan)
+    decode_workers: int | None = None   # default: one per whole CPU of the actor
     precision: str = "fp32"
     max_retries: int = 3
     images_per_shard: int = 1000        # imagefolder chunking
@@ -97,31 +99,6 @@ class RunSummary:
         return "\n".join(lines)
 
 
-@dataclass
-class _Plan:
-    actors: int
-    gpus_per_actor: float
-    cpus_per_actor: float
-
-
-def _plan(cfg: PretokenizeConfig) -> _Plan:
-    """Actor count and resources. ``gpus_per_actor=None``: one GPU each when the cluster has GPUs,
-    else CPU encoders. An explicit GPU share is always requested, so on an autoscaling cluster the
-    actors wait for GPU nodes instead of silently running on CPU."""
-    res = ray.cluster_resources()
-    gpus, cpus = res.get("GPU", 0.0), res.get("CPU", 1.0)
-    gpa = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
-    if gpa > 0:
-        n = cfg.actors or max(1, int(gpus / gpa))
-        if gpus < gpa * n:
-            log.warning("the cluster has %g GPUs; %d actors x %g GPUs wait for more (use --gpus-per-actor 0 "
-                        "to encode on CPU)", gpus, n, gpa)
-    else:
-        n = cfg.actors or max(1, int(cpus // 4))
-    cpa = cfg.cpus_per_actor if cfg.cpus_per_actor is not None else max(0.25, min(8.0, cpus / n))
-    return _Plan(n, gpa, cpa)
-
-
 def _ensure_ray() -> bool:
     """Connect to RAY_ADDRESS or start a local cluster; True when this call started it."""
     if ray.is_initialized():
@@ -135,7 +112,7 @@ def _ensure_ray() -> bool:
 class _Pool:
     """Encoder actors, replaced when they die."""
 
-    def __init__(self, plan: _Plan, tokenizer: ray.ObjectRef, fingerprint: str, job: ShardJob):
+    def __init__(self, plan: ActorPlan, tokenizer: ray.ObjectRef, fingerprint: str, job: ShardJob):
         self.plan = plan
         self._args = (tokenizer, fingerprint, job, max(1, int(plan.cpus_per_actor)))
         self.actors = [self._new() for _ in range(plan.actors)]
@@ -203,9 +180,9 @@ def run_pretokenize(cfg: PretokenizeConfig) -> RunSummary:
         )
         started = _ensure_ray()
         try:
-            plan = _plan(cfg)
+            plan = plan_cluster(cfg.actors, cfg.gpus_per_actor, cfg.cpus_per_actor, cfg.decode_workers)
             job = ShardJob(layout, schema, manifest, fp, transform, cfg.batch_size, cfg.precision,
-                           max(1, round(plan.cpus_per_actor)), so, token_counts)
+                           plan.decode_workers, so, token_counts)
             new, failed = _distribute(pending, _Pool(plan, ray.put(ckpt), tok.fingerprint, job), cfg)
         finally:
             if started:

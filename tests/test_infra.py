@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.plan import NodeShape, plan_actors
+from tests.infra_docs import README, readme_commands, readme_ray_start_nodes
+
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
-README = INFRA / "README.md"
 DOCKERFILE = INFRA / "Dockerfile"
 YAML_FILES = sorted([*INFRA.rglob("*.yaml"), *INFRA.rglob("*.yml")])
 TEXT_FILES = sorted(p for p in INFRA.rglob("*") if p.is_file())
@@ -95,10 +97,47 @@ def aws_cluster() -> dict:
     return doc
 
 
-def readme_commands() -> list[str]:
-    """Shell lines of the README's fenced blocks, continuation lines joined."""
-    blocks = re.findall(r"```[a-z]*\n(.*?)```", README.read_text(), re.S)
-    return [line.strip() for b in blocks for line in b.replace("\\\n", " ").splitlines() if line.strip()]
+def kuberay_nodes(spec: dict) -> list[NodeShape]:
+    """The nodes a RayCluster spec starts (head first), as ``ray.nodes()`` would show them."""
+    head = spec["headGroupSpec"]["rayStartParams"]
+    nodes = [NodeShape("head", "head", float(head["num-cpus"]), float(head.get("num-gpus", 0)), head=True)]
+    for g in spec["workerGroupSpecs"]:
+        p = g["rayStartParams"]
+        nodes += [NodeShape(f"{g['groupName']}-{i}", g["groupName"], float(p["num-cpus"]), float(p.get("num-gpus", 0)))
+                  for i in range(g["replicas"])]
+    return nodes
+
+
+def aws_nodes(cfg: dict) -> list[NodeShape]:
+    """The nodes of the autoscaler config at its minimum size (head first)."""
+    types = cfg["available_node_types"]
+
+    def shape(name: str, i: int, head: bool = False) -> NodeShape:
+        res = types[name]["resources"]
+        return NodeShape(f"{name}-{i}", name, float(res.get("CPU", 0)), float(res.get("GPU", 0)), head=head)
+
+    return [shape(cfg["head_node_type"], 0, head=True)] + [
+        shape(name, i) for name, t in types.items() for i in range(t.get("min_workers", 0))]
+
+
+def readme_local_nodes() -> list[NodeShape]:
+    """The one-machine cluster of the README's `ray start` lines."""
+    return [NodeShape(f"node-{i}", "local", float(n["num_cpus"]), float(n["num_gpus"]), head=n["head"])
+            for i, n in enumerate(readme_ray_start_nodes())]
+
+
+def documented_clusters() -> dict[str, list[NodeShape]]:
+    return {"kuberay": kuberay_nodes(kube("RayCluster")["spec"]), "aws": aws_nodes(aws_cluster()),
+            "README one machine": readme_local_nodes()}
+
+
+def assert_plan_places_every_gpu(args, nodes: list[NodeShape], where: str) -> None:
+    """The driver's plan for ``args`` on ``nodes``: one actor per GPU, all of them placed, none on the head."""
+    plan = plan_actors(nodes, args.actors, args.gpus_per_actor, args.cpus_per_actor, args.decode_workers)
+    gpus = sum(n.gpus for n in nodes)
+    assert plan.gpus_per_actor == 1 and plan.actors == gpus, f"{where}: {plan.describe()}"
+    assert plan.capacity >= plan.actors, f"{where}: not every actor fits: {plan.describe()}"
+    assert all(plan.fits(n) == 0 for n in nodes if n.head and not n.gpus), f"{where}: {plan.describe()}"
 
 
 def pretokenize_commands() -> list[tuple[str, str]]:
@@ -168,10 +207,7 @@ def test_rayjob_entrypoint_fits_its_cluster():
     args = parse_pretokenize(pretokenize_argv(job["entrypoint"]))
     assert all(u.startswith("s3://") for u in (args.input, args.output, args.tokenizer))
     assert (args.views, args.precision, args.gpus_per_actor) == ("flip", "bf16", 1.0)
-    groups = worker_groups(job["rayClusterSpec"])
-    gpus = sum(g["replicas"] * int(g["rayStartParams"]["num-gpus"]) for g in groups)
-    assert args.actors and args.actors * args.gpus_per_actor <= gpus
-    assert args.cpus_per_actor and all(args.cpus_per_actor <= float(g["rayStartParams"]["num-cpus"]) for g in groups)
+    assert_plan_places_every_gpu(args, kuberay_nodes(job["rayClusterSpec"]), "rayjob.yaml")
 
 
 def test_aws_cluster_config_is_valid_for_the_ray_autoscaler():
@@ -204,21 +240,28 @@ def test_every_pretokenize_command_parses():
         }, f"{where}: credentials in --storage-options"
 
 
-def test_readme_ray_job_submit_parses():
+def test_readme_ray_job_submit_parses_and_fits_every_documented_cluster():
     from ray.dashboard.modules.job.cli import submit
 
     lines = [c for c in readme_commands() if c.startswith("ray job submit")]
-    assert lines
-    aws_types = aws_cluster()["available_node_types"].values()
-    gpu_cpus = [t["resources"]["CPU"] for t in aws_types if t["resources"].get("GPU")]
-    gpu_cpus += [float(g["rayStartParams"]["num-cpus"]) for g in worker_groups(kube("RayCluster")["spec"])]
+    assert len(lines) >= 2  # a running cluster; one machine (tests/test_cluster_job.py runs that one)
     for line in lines:
-        ctx = submit.make_context("ray job submit", shlex.split(line)[3:])
+        ctx = submit.make_context("ray job submit", shlex.split(line, comments=True)[3:])
         assert ctx.params["working_dir"] == "."
         entry = list(ctx.params["entrypoint"])
         assert entry[:3] == PRETOKENIZE
         args = parse_pretokenize(entry[3:])
-        assert args.cpus_per_actor and any(args.cpus_per_actor <= c for c in gpu_cpus)
+        for name, nodes in documented_clusters().items():
+            assert_plan_places_every_gpu(args, nodes, f"{name}: {line}")
+
+
+def test_documented_cluster_shapes():
+    """The shapes the plan is checked on are the documented ones: CPU heads and 1-GPU workers."""
+    clusters = documented_clusters()
+    assert [(n.cpus, n.gpus) for n in clusters["kuberay"]] == [(0, 0)] + [(11, 1)] * 8
+    assert [(n.cpus, n.gpus) for n in clusters["aws"]] == [(0, 0)] + [(8, 1)] * 8
+    local = clusters["README one machine"]
+    assert local[0].head and local[0].gpus == 0 and all(n.gpus >= 1 for n in local[1:])
 
 
 def test_dockerfile():
