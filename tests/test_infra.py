@@ -205,7 +205,7 @@ def test_rayjob_runs_the_raycluster_spec_once_and_cleans_up():
 def test_rayjob_entrypoint_fits_its_cluster():
     job = kube("RayJob")["spec"]
     args = parse_pretokenize(pretokenize_argv(job["entrypoint"]))
-    assert all(u.startswith("s3://") for u in (args.input, args.output, args.tokenizer))
+    assert all(u.startswith("s3://") for u in (*args.input, args.output, args.tokenizer))
     assert (args.views, args.precision, args.gpus_per_actor) == ("flip", "bf16", 1.0)
     assert_plan_places_every_gpu(args, kuberay_nodes(job["rayClusterSpec"]), "rayjob.yaml")
 
