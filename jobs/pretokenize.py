@@ -5,8 +5,11 @@ import argparse
 import logging
 import sys
 
+from ray.exceptions import RayError
+
 from jobs.args import non_negative_float, positive_int, storage_options
 from pipeline.distributor import PretokenizeConfig, run_pretokenize
+from pipeline.sources.webdataset import DEFAULT_MAX_MEMBER_BYTES
 from tokenizer.sources import SOURCE_HELP
 from tokenizer.transform import VIEWS
 
@@ -28,8 +31,10 @@ them for the shell); @FILE (local or URL) holds one input per line. Shards named
 
 S3 endpoints and credentials come from the standard AWS environment variables (AWS_ENDPOINT_URL,
 AWS_ACCESS_KEY_ID, ...) or --storage-options; they are never written to logs or outputs.
-A rerun resumes: finished shards are skipped, failed ones are redone. Exit status: 0 done,
-1 some shards failed (rerun to retry them), 2 bad input or configuration.
+A rerun resumes: finished shards are skipped, failed ones are redone. One run per split at a time
+(a lease in OUTPUT/_locks); runs of different splits into one OUTPUT may go together. Exit status:
+0 done, 1 some shards failed or the run stopped (rerun to retry them), 2 bad input or configuration
+(including actors that cannot be placed or started, and another run writing the same split).
 """
 
 
@@ -83,7 +88,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-count-guidance", type=float, default=7.5,
                    help="guidance scale of those decodes, APG; 1 = none (default: 7.5)")
     p.add_argument("--token-count-seed", type=int, default=0, help="seed of the per-image decode noise (default: 0)")
-    p.add_argument("--overwrite", action="store_true", help="replace an output made with another tokenizer/transform")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace this split (its files and manifest entry; other splits stay). Refused when the "
+                   "new tokenizer/transform differs from the other splits'")
+    p.add_argument("--overwrite-all", action="store_true", help="replace every split of OUTPUT")
+    p.add_argument("--verify", action="store_true",
+                   help="before resuming, hash every done data file against its recorded sha256 (default: size/ETag)")
+    p.add_argument("--lease-wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for another run writing the same split (default: 0, fail at once)")
+    p.add_argument("--placement-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="actors Ray cannot place within this time are dropped; none placed = error (default: 300)")
+    p.add_argument("--max-actor-failures", type=int, default=2, metavar="K",
+                   help="replace an actor after K shard failures in a row (default: 2)")
+    p.add_argument("--max-start-failures", type=int, default=3, metavar="N",
+                   help="stop after N actor start failures in a row (default: 3)")
+    p.add_argument("--max-member-bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES, metavar="BYTES",
+                   help=f"skip (with a reason) tar members larger than this (default: {DEFAULT_MAX_MEMBER_BYTES})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -96,7 +116,10 @@ def config_from_args(args: argparse.Namespace) -> PretokenizeConfig:
         decode_workers=args.decode_workers, precision=args.precision,
         max_retries=args.max_retries, images_per_shard=args.images_per_shard, keep=tuple(args.keep),
         keep_all_json=args.keep_all_json, allow_missing=args.allow_missing,
-        storage_options=args.storage_options, overwrite=args.overwrite, progress=not args.no_progress,
+        storage_options=args.storage_options, overwrite=args.overwrite, overwrite_all=args.overwrite_all,
+        verify=args.verify, lease_wait_s=args.lease_wait, placement_timeout_s=args.placement_timeout,
+        max_actor_failures=args.max_actor_failures, max_start_failures=args.max_start_failures,
+        max_member_bytes=args.max_member_bytes, progress=not args.no_progress,
         token_count_mse=args.token_count_mse, token_count_steps=args.token_count_steps,
         token_count_guidance=args.token_count_guidance, token_count_seed=args.token_count_seed,
     )
@@ -118,11 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     _log_to_stderr()
     try:
         summary = run_pretokenize(config_from_args(args))
-    except (ValueError, OSError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError, RayError) as e:
         print(f"pretok: error: {e}", file=sys.stderr)
         return 2
     print(summary.describe())
-    return 0 if summary.ok else 1
+    if summary.aborted:
+        print(f"pretok: error: {summary.aborted}", file=sys.stderr)
+    return summary.exit_code
 
 
 if __name__ == "__main__":

@@ -1,8 +1,14 @@
-"""The Ray encoder actor: one tokenizer on one device, shards in, committed shard stats out."""
+"""The Ray encoder actor: one tokenizer on one device, shards in, committed shard stats out.
+
+Life cycle (driven by ``pipeline.pool``): the constructor only stores its arguments; ``start``
+loads the tokenizer, checks the device, cleans this split's temp files of earlier runs on its node
+and (local output) writes a probe file the driver must see; then ``run`` processes shards.
+"""
 from __future__ import annotations
 
 import os
 import threading
+import uuid
 
 import ray
 import torch
@@ -12,6 +18,15 @@ from tokenizer.checkpoint import Checkpoint
 
 from .encode import ShardJob, encode_shard
 from .records import InputShard
+from .staging import clean_worker_temp
+from .urls import is_local
+
+# Set to 1 where Ray's GPUs are fake (tests, benchmarks on CPU machines): such actors encode on CPU.
+SIMULATED_GPUS_ENV = "PRETOK_SIMULATED_GPUS"
+
+
+class DeviceError(RuntimeError):
+    """The actor holds a GPU it cannot use."""
 
 
 class EncoderWorker:
@@ -25,40 +40,79 @@ class EncoderWorker:
     """
 
     def __init__(self, tokenizer: Checkpoint | str, expected_fingerprint: str, job: ShardJob, torch_threads: int):
+        self._args = (tokenizer, expected_fingerprint, torch_threads)
+        self.job = job
+        self.tok = None
+        self.identity: dict = {}
+        self._done = 0
+        self._lock = threading.Lock()
+
+    def start(self) -> dict:
+        """Load the tokenizer on this actor's device; returns its identity. Raises ``DeviceError``
+        for a GPU actor whose torch sees no CUDA device (unless GPUs are simulated)."""
+        tokenizer, expected_fingerprint, torch_threads = self._args
         gpu_ids = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
-        device = "cuda" if gpu_ids and torch.cuda.is_available() else "cpu"
+        cuda = torch.cuda.is_available()
+        simulated = os.environ.get(SIMULATED_GPUS_ENV) == "1"
+        if gpu_ids and not cuda and not simulated:
+            raise DeviceError(
+                f"this actor holds GPU {','.join(gpu_ids)} but torch {torch.__version__} sees no CUDA device "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); install a CUDA build of torch, "
+                f"or use --gpus-per-actor 0 to encode on CPU"
+            )
+        device = "cuda" if gpu_ids and cuda else "cpu"
         torch.set_num_threads(max(1, torch_threads))
-        parts = "encoder" if job.token_counts is None else "all"
-        self.tok = load_tokenizer(tokenizer, device=device, parts=parts, storage_options=job.storage_options)
+        parts = "encoder" if self.job.token_counts is None else "all"
+        self.tok = load_tokenizer(tokenizer, device=device, parts=parts, storage_options=self.job.storage_options)
         if self.tok.fingerprint != expected_fingerprint:
             raise RuntimeError(
                 f"tokenizer checkpoint changed since the run started (fingerprint {self.tok.fingerprint[:12]} "
                 f"!= {expected_fingerprint[:12]})"
             )
-        self.job = job
+        if device == "cuda":
+            device_type = torch.cuda.get_device_name()
+        else:
+            device_type = "cpu (simulated GPU)" if gpu_ids else "cpu"
         self.identity = {
-            "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local",
+            "node_id": _node_id(),
             "gpu_ids": gpu_ids,
             "device": device,
+            "device_type": device_type,
             "pid": os.getpid(),
+            "cleaned_temp_files": clean_worker_temp(self.job.layout, self.job.run_id),
+            "probe": self._probe(),
         }
-        self._done = 0
-        self._lock = threading.Lock()
+        return self.identity
+
+    def _probe(self) -> str | None:
+        """For a local output, a file the driver must see (else the output is not shared with it)."""
+        if not is_local(self.job.layout.root):
+            return None
+        folder = self.job.layout.tmp_dir
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"probe-{self.job.run_id}-{uuid.uuid4().hex[:8]}")
+        with open(path, "w") as f:
+            f.write(_node_id())
+        return path
 
     def _advance(self, n: int) -> None:
         with self._lock:
             self._done += n
 
     def run(self, shard: InputShard, attempt: int = 1):
-        return encode_shard(self.tok, shard, self.job, self._advance, {**self.identity, "attempt": attempt})
+        if self.tok is None:
+            raise RuntimeError("run() before start()")
+        worker = {k: v for k, v in self.identity.items() if k not in ("probe", "cleaned_temp_files")}
+        return encode_shard(self.tok, shard, self.job, self._advance, {**worker, "attempt": attempt})
 
     def progress(self) -> int:
         """Images processed by this actor so far (all shards)."""
         with self._lock:
             return self._done
 
-    def info(self) -> dict:
-        return self.identity
+
+def _node_id() -> str:
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
 EncoderActor = ray.remote(EncoderWorker)

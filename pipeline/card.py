@@ -77,6 +77,9 @@ def split_counts(
 def write_card(
     layout: OutputLayout, manifest: dict, done: dict[int, ShardStats], storage_options: dict | None = None
 ) -> None:
-    """Write OUT/README.md; ``done`` is the done shards of ``layout.split`` (other splits are read)."""
+    """Write OUT/README.md; ``done`` is the done shards of ``layout.split`` (other splits are read).
+
+    Hold the manifest lease and pass the manifest as now stored, so splits that concurrent runs
+    added stay in the card."""
     counts = split_counts(layout.root, manifest, {layout.split: done}, storage_options)
-    write_text_atomic(layout.card_path, render_card(manifest, counts), storage_options)
+    write_text_atomic(layout.card_path, render_card(manifest, counts), storage_options, layout.tmp_dir)

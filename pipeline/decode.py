@@ -3,7 +3,12 @@
 Exactness first: images are decoded at full size (no ``Image.draft`` JPEG downscaling), so the
 views are exactly ``ImageTransform`` of the full image. Truncated files are errors (Pillow's
 ``LOAD_TRUNCATED_IMAGES`` stays off). Pillow's own decompression-bomb limit
-(``Image.MAX_IMAGE_PIXELS``) still applies above ``max_pixels``.
+(``Image.MAX_IMAGE_PIXELS``) still applies above ``max_pixels``. Only formats in
+``IMAGE_FORMATS`` are opened.
+
+Only image-content errors become skips: an exception raised inside Pillow while it opens,
+decodes or converts the bytes. ``MemoryError`` and anything raised elsewhere propagate, so the
+shard attempt fails and is retried instead of losing the row.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from pipeline.records import DecodedImage, Record, SkippedRecord
 from tokenizer.transform import ImageTransform, to_rgb
 
 DEFAULT_MAX_PIXELS = 1 << 26  # 8192 x 8192
+# Pillow plugins allowed to open input bytes (the formats of IMAGE_EXTENSIONS / webdataset suffixes).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 # Skip reasons (prefixes; details follow after ": ").
 NO_IMAGE = "no image"
@@ -32,18 +39,30 @@ def _detail(e: Exception) -> str:
     return f"{type(e).__name__}: {_OBJECT_REPR.sub('<bytes>', str(e))}"[:_MAX_DETAIL]
 
 
+def raised_by_pillow(e: BaseException) -> bool:
+    """True when the innermost Python frame of ``e``'s traceback is Pillow code."""
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return str(tb.tb_frame.f_globals.get("__name__", "")).startswith("PIL.")
+
+
 def decode_record(
     record: Record, transform: ImageTransform, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> DecodedImage | SkippedRecord:
     """Decode, convert to upright 8-bit RGB and apply ``transform``; width/height are the upright
-    original size. Missing, empty, oversized (> ``max_pixels``, checked from the header before
-    decoding) or undecodable images become a ``SkippedRecord``."""
+    original size. Missing, empty, refused by the reader, oversized (> ``max_pixels``, checked
+    from the header before decoding) or undecodable images become a ``SkippedRecord``."""
+    if record.skip_reason is not None:
+        return SkippedRecord(record.key, record.skip_reason)
     if record.image is None:
         return SkippedRecord(record.key, NO_IMAGE)
     if not record.image:
         return SkippedRecord(record.key, EMPTY_IMAGE)
     try:
-        with Image.open(io.BytesIO(record.image)) as img:
+        with Image.open(io.BytesIO(record.image), formats=IMAGE_FORMATS) as img:
             if img.width * img.height > max_pixels:
                 return SkippedRecord(record.key, f"{TOO_LARGE}: {img.width}x{img.height}")
             img.load()
@@ -51,8 +70,12 @@ def decode_record(
             views = transform(upright)
     except Image.DecompressionBombError as e:
         return SkippedRecord(record.key, f"{TOO_LARGE}: {e}")
-    except Exception as e:  # noqa: BLE001 - any decoder failure is a per-record skip
-        return SkippedRecord(record.key, f"{UNDECODABLE}: {_detail(e)}")
+    except MemoryError:
+        raise
+    except Exception as e:
+        if isinstance(e, Image.UnidentifiedImageError) or raised_by_pillow(e):
+            return SkippedRecord(record.key, f"{UNDECODABLE}: {_detail(e)}")
+        raise
     return DecodedImage(
         key=record.key,
         views=views,

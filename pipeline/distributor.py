@@ -2,8 +2,10 @@
 
 Exactly-once output comes from three rules: one output file per input shard (named by its index),
 atomic commits (data, then stats), and a ledger that treats a shard as done only when both agree.
-A rerun therefore skips finished shards without reading them and redoes the rest; a failed shard
-is retried on another actor; an actor that dies is replaced.
+A rerun therefore skips finished shards without reading them and redoes the rest. A run holds the
+split's lease on the output (``pipeline.lease``); the actor pool (``pipeline.pool``) places and
+replaces actors; ``pipeline.failures`` says what each failure costs the shard and the actor; the
+driver checks every reported commit before counting the shard done.
 """
 from __future__ import annotations
 
@@ -11,29 +13,35 @@ import collections
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
-from tokenizer.checkpoint import read_checkpoint
+from tokenizer.checkpoint import Checkpoint, read_checkpoint
 from tokenizer.flextok.counts import TokenCountSettings
 from tokenizer.transform import ImageTransform
 
 from .actor import EncoderActor
 from .card import write_card
 from .encode import ShardJob
+from .failures import Kind, Verdict, classify, describe
 from .layout import OutputLayout
-from .ledger import Ledger, ShardStats, redact_url
-from .manifest import TokenizerInfo, build_manifest, prepare_output, run_fingerprint
-from .plan import ActorPlan, plan_cluster
-from .records import InputShard
+from .lease import MANIFEST_WAIT_S, Lease, LeaseBusy, LeaseLost, live_leases, new_run_id
+from .ledger import Ledger, ShardStats, check_commit, redact_url
+from .manifest import TokenizerInfo, build_manifest, prepare_output, read_manifest, run_fingerprint
+from .plan import plan_cluster
+from .pool import ActorSpec, Event, Pool
+from .records import InputShard, SourceListing
 from .schema import TokenSchema
 from .sources import list_source
+from .sources.webdataset import DEFAULT_MAX_MEMBER_BYTES
+from .staging import clean_shared_staging, clean_split_staging, list_names
+from .urls import canonical_url, is_local
 
 log = logging.getLogger("pretok")
-PROGRESS_EVERY_S = 0.5  # how often the driver asks the actors for their image counts
+PROBE_GRACE_S = 2.0  # how long the driver looks for an actor's probe file on a local output (NFS caches)
 
 
 @dataclass(frozen=True)
@@ -51,19 +59,30 @@ class PretokenizeConfig:
     cpus_per_actor: float | None = None  # default: the GPU nodes' CPUs per GPU (pipeline.plan)
     decode_workers: int | None = None   # default: one per whole CPU of the actor
     precision: str = "fp32"
-    max_retries: int = 3
+    max_retries: int = 3                # charged failures of one shard before it fails for good
     images_per_shard: int = 1000        # imagefolder chunking
     keep: tuple[str, ...] = ()          # passthrough columns, FIELD[:TYPE] specs (comma lists allowed)
     keep_all_json: bool = False         # every field of the webdataset .json sidecars
     allow_missing: bool = False         # named shards that do not exist are recorded, not an error
     storage_options: dict | None = None
-    overwrite: bool = False
+    overwrite: bool = False             # replace this split only
+    overwrite_all: bool = False         # replace every split (the settings of all may change)
+    verify: bool = False                # hash every done data file against its stats before resuming
     progress: bool = True
     # Per-image ``num_tokens_needed`` column (ordered tokenizers only); None: off.
     token_count_mse: float | None = None
     token_count_steps: int = 20
     token_count_guidance: float = 7.5
     token_count_seed: int = 0
+    # Fault handling.
+    placement_timeout_s: float = 300.0  # an actor not placed by then is dropped (all: the run fails)
+    start_timeout_s: float = 900.0      # loading the tokenizer in an actor
+    stall_timeout_s: float = 900.0      # a busy actor with no image done for this long is killed
+    max_start_failures: int = 3         # actor start failures in a row that stop the run
+    max_actor_failures: int = 2         # shard failures in a row after which an actor is replaced
+    lease_wait_s: float = 0.0           # how long to wait for another run of this split
+    lease_ttl_s: float = 60.0           # a lease without a heartbeat for this long is taken over
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES  # larger tar members are skipped
 
 
 @dataclass
@@ -79,23 +98,40 @@ class RunSummary:
     rows_written: int = 0
     rows_skipped: int = 0
     seconds: float = 0.0
+    run_id: str = ""
+    aborted: str | None = None          # why the run stopped before its queue was empty
+    abort_is_config: bool = False       # ... because of the configuration (exit 2)
+    unplaced: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.shards_failed
+        return not self.shards_failed and self.aborted is None
+
+    @property
+    def exit_code(self) -> int:
+        """0 done; 1 some shards failed or the run stopped (rerun to resume); 2 configuration."""
+        if self.aborted is not None and self.abort_is_config:
+            return 2
+        return 0 if self.ok else 1
 
     def describe(self) -> str:
         rate = self.rows_in / self.seconds if self.seconds else 0.0
+        left = self.shards_total - self.shards_skipped_done - self.shards_written - len(self.shards_failed)
         lines = [
-            f"output   {self.output} (split {self.split})",
+            f"output   {self.output} (split {self.split}, run {self.run_id})",
             f"shards   {self.shards_total} total: {self.shards_skipped_done} already done, "
-            f"{self.shards_written} written now, {len(self.shards_failed)} failed",
+            f"{self.shards_written} written now, {len(self.shards_failed)} failed"
+            + (f", {left} not done" if left else ""),
             f"rows     {self.rows_in} in = {self.rows_written} written + {self.rows_skipped} skipped (all done shards)",
             f"time     {self.seconds:.1f} s this run ({rate:.1f} img/s)",
         ]
         if self.shards_missing:
             lines.append(f"missing  {self.shards_missing} named input shards do not exist (listed in pretok.json)")
+        if self.unplaced:
+            lines.append(f"UNPLACED {', '.join(self.unplaced)} (not enough free resources within the placement timeout)")
         lines += [f"FAILED   shard {f['index']}: {f['error']}" for f in self.shards_failed]
+        if self.aborted:
+            lines.append(f"STOPPED  {self.aborted}")
         return "\n".join(lines)
 
 
@@ -104,53 +140,59 @@ def _ensure_ray() -> bool:
     if ray.is_initialized():
         return False
     address = os.environ.get("RAY_ADDRESS") or "local"  # "local": never join a stray local cluster
-    ray.init(address=address, include_dashboard=False if address == "local" else None,
-             logging_level=logging.WARNING, log_to_driver=True)
+    try:
+        ray.init(address=address, include_dashboard=False if address == "local" else None,
+                 logging_level=logging.WARNING, log_to_driver=True)
+    except Exception as e:  # noqa: BLE001 - any failure to reach Ray is one clear error
+        raise RuntimeError(f"cannot start or reach the Ray cluster ({address}): {describe(e)}") from None
     return True
 
 
-class _Pool:
-    """Encoder actors, replaced when they die."""
+def _canonical_inputs(inputs: str | tuple[str, ...]) -> tuple[str, ...]:
+    """Each INPUT canonicalised; an ``@list`` file's own URL too (its lines are URLs already)."""
+    items = (inputs,) if isinstance(inputs, str) else inputs
+    return tuple("@" + canonical_url(i[1:]) if i.startswith("@") else canonical_url(i) for i in items)
 
-    def __init__(self, plan: ActorPlan, tokenizer: ray.ObjectRef, fingerprint: str, job: ShardJob):
-        self.plan = plan
-        self._args = (tokenizer, fingerprint, job, max(1, int(plan.cpus_per_actor)))
-        self.actors = [self._new() for _ in range(plan.actors)]
 
-    def _new(self):
-        return EncoderActor.options(
-            num_gpus=self.plan.gpus_per_actor, num_cpus=self.plan.cpus_per_actor, max_concurrency=2
-        ).remote(*self._args)
+def _new_actor(tokenizer: ray.ObjectRef, fingerprint: str, job: ShardJob, threads: int):
+    def make(options: dict):
+        return EncoderActor.options(**options, max_concurrency=2).remote(tokenizer, fingerprint, job, threads)
+    return make
 
-    def replace(self, i: int) -> None:
-        ray.kill(self.actors[i], no_restart=True)
-        self.actors[i] = self._new()
 
-    def started(self, i: int):
-        """A ref that resolves once actor ``i`` is up (or has failed to start)."""
-        return self.actors[i].info.remote()
+def _probe_check(root: str) -> Callable[[dict], str | None]:
+    """For local output: the driver must see the probe file each actor wrote at start."""
+    driver_node = ray.get_runtime_context().get_node_id()
 
-    def progress(self, skip: set[int]) -> list[int | None]:
-        """Images done per actor; None for one in ``skip`` (not started) or silent for 0.2 s."""
-        refs = [None if i in skip else a.progress.remote() for i, a in enumerate(self.actors)]
-        live = [r for r in refs if r is not None]
-        ready, _ = ray.wait(live, num_returns=len(live), timeout=0.2)
-        out: list[int | None] = []
-        for r in refs:
-            try:
-                out.append(ray.get(r) if r in ready else None)
-            except RayActorError:
-                out.append(None)
-        return out
+    def check(identity: dict) -> str | None:
+        probe = identity.get("probe")
+        if probe is None:
+            return None
+        deadline = time.monotonic() + PROBE_GRACE_S  # NFS may cache a negative lookup briefly
+        folder, name = os.path.split(probe)
+        while not os.path.exists(probe) and name not in list_names(folder):  # a listing revalidates the folder
+            if time.monotonic() > deadline:
+                return (f"local output {root} is not shared by the cluster: a file the actor on node "
+                        f"{identity.get('node_id', '?')[:12]} wrote there is not visible to the driver (node "
+                        f"{driver_node[:12]}). Use a filesystem every node mounts at the same path, or s3://")
+            time.sleep(0.1)
+        os.unlink(probe)
+        return None
+    return check
 
-    def shutdown(self) -> None:
-        for a in self.actors:
-            ray.kill(a, no_restart=True)
+
+def _lease(layout: OutputLayout, name: str, run_id: str, cfg: PretokenizeConfig, wait_s: float, what: str) -> Lease:
+    return Lease(layout.root, name, run_id, cfg.storage_options, ttl_s=cfg.lease_ttl_s, wait_s=wait_s, what=what)
+
+
+def _manifest_lease(layout: OutputLayout, run_id: str, cfg: PretokenizeConfig) -> Lease:
+    return _lease(layout, "manifest", run_id, cfg, max(MANIFEST_WAIT_S, 2 * cfg.lease_ttl_s), "the manifest")
 
 
 def run_pretokenize(cfg: PretokenizeConfig) -> RunSummary:
     """Run (or resume) one split; returns counts. Raises before writing anything on bad input."""
     start = time.time()
+    cfg = replace(cfg, input=_canonical_inputs(cfg.input), output=canonical_url(cfg.output))
     so = cfg.storage_options
     ckpt = read_checkpoint(cfg.tokenizer, so)  # resolved and read once, here; actors get these bytes
     tok = TokenizerInfo.from_checkpoint(ckpt)
@@ -166,36 +208,66 @@ def run_pretokenize(cfg: PretokenizeConfig) -> RunSummary:
     layout = OutputLayout(cfg.output, cfg.split, listing.num_shards)
     manifest = build_manifest(tok, transform, cfg.precision, listing, cfg.split,
                               token_counts.describe() if token_counts else None)
-    manifest = prepare_output(layout, manifest, cfg.overwrite, so)
-    fp = run_fingerprint(manifest, cfg.split)
-    done = Ledger.read(layout, fp, so).done
-    pending = [s for s in listing.shards if s.index not in done]
-    summary = RunSummary(redact_url(cfg.output), cfg.split, len(listing.shards), len(done), 0,
-                         shards_missing=len(listing.missing))
-    if pending:
-        schema = TokenSchema(
-            tok.num_tokens, transform.num_views, listing.has_labels,
-            tuple(listing.label_names) if listing.label_names else None, listing.has_captions,
-            token_counts is not None, listing.kept,
-        )
-        started = _ensure_ray()
-        try:
-            plan = plan_cluster(cfg.actors, cfg.gpus_per_actor, cfg.cpus_per_actor, cfg.decode_workers)
-            job = ShardJob(layout, schema, manifest, fp, transform, cfg.batch_size, cfg.precision,
-                           plan.decode_workers, so, token_counts)
-            new, failed = _distribute(pending, _Pool(plan, ray.put(ckpt), tok.fingerprint, job), cfg)
-        finally:
-            if started:
-                ray.shutdown()
-        done.update(new)
-        summary.shards_written, summary.shards_failed = len(new), failed
-    write_card(layout, manifest, done, so)
+    run_id = new_run_id()
+    with _lease(layout, f"split-{cfg.split}", run_id, cfg, cfg.lease_wait_s, f"split {cfg.split!r}") as lease:
+        with _manifest_lease(layout, run_id, cfg):
+            if cfg.overwrite_all and (busy := [i for i in live_leases(layout.root, so) if i.run_id != run_id]):
+                raise LeaseBusy(f"--overwrite-all replaces every split of {redact_url(layout.root)}, but "
+                                + "; ".join(f"{i.name} is being written by {i.describe(time.time())}" for i in busy))
+            manifest = prepare_output(layout, manifest, cfg.overwrite, so, cfg.overwrite_all)
+            clean_shared_staging(layout, so)
+        clean_split_staging(layout, so)
+        fp = run_fingerprint(manifest, cfg.split)
+        ledger = Ledger.read(layout, fp, so, verify=cfg.verify)
+        for index, why in sorted(ledger.redo.items()):
+            log.warning("shard %d is redone: %s", index, why)
+        done = ledger.done
+        pending = [s for s in listing.shards if s.index not in done]
+        summary = RunSummary(redact_url(cfg.output), cfg.split, len(listing.shards), len(done), 0, run_id=run_id,
+                             shards_missing=len(listing.missing))
+        if pending:
+            job = ShardJob(layout, _schema(tok, transform, listing, token_counts), manifest, fp, transform,
+                           cfg.batch_size, cfg.precision, 1, so, token_counts, run_id, cfg.max_member_bytes)
+            outcome = _encode(pending, cfg, ckpt, tok, job, lease)
+            done.update(outcome.done)
+            summary.shards_written, summary.shards_failed = len(outcome.done), outcome.failed
+            summary.aborted, summary.abort_is_config = outcome.abort, outcome.abort_is_config
+            summary.unplaced = outcome.unplaced
+        if lease.lost is None:
+            with _manifest_lease(layout, run_id, cfg):
+                write_card(layout, read_manifest(layout, so) or manifest, done, so)
     for s in done.values():
         summary.rows_in += s.rows_in
         summary.rows_written += s.rows_written
         summary.rows_skipped += len(s.skipped)
     summary.seconds = time.time() - start
     return summary
+
+
+def _schema(tok: TokenizerInfo, transform: ImageTransform, listing: SourceListing,
+            token_counts: TokenCountSettings | None) -> TokenSchema:
+    names = tuple(listing.label_names) if listing.label_names else None
+    return TokenSchema(tok.num_tokens, transform.num_views, listing.has_labels, names, listing.has_captions,
+                       token_counts is not None, listing.kept)
+
+
+def _encode(pending: list[InputShard], cfg: PretokenizeConfig, ckpt: Checkpoint, tok: TokenizerInfo,
+            job: ShardJob, lease: Lease) -> "_Outcome":
+    """Size the actors, start the pool and distribute ``pending`` (on RAY_ADDRESS or a local cluster)."""
+    started = _ensure_ray()
+    try:
+        plan = plan_cluster(cfg.actors, cfg.gpus_per_actor, cfg.cpus_per_actor, cfg.decode_workers)
+        job = replace(job, decode_threads=plan.decode_workers)
+        spec = ActorSpec(plan.actors, plan.gpus_per_actor, plan.cpus_per_actor, cfg.placement_timeout_s,
+                         cfg.start_timeout_s, cfg.stall_timeout_s, cfg.max_start_failures)
+        root = job.layout.root
+        check = _probe_check(root) if is_local(root) else (lambda identity: None)
+        make = _new_actor(ray.put(ckpt), tok.fingerprint, job, max(1, int(plan.cpus_per_actor)))
+        return _distribute(pending, Pool(spec, make, check), cfg,
+                           lambda stats: _commit_problem(job.layout, stats, cfg.storage_options), lease)
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _token_count_settings(cfg: PretokenizeConfig, tok: TokenizerInfo) -> TokenCountSettings | None:
@@ -212,78 +284,163 @@ def _token_count_settings(cfg: PretokenizeConfig, tok: TokenizerInfo) -> TokenCo
     )
 
 
-def _distribute(
-    pending: list[InputShard], pool: _Pool, cfg: PretokenizeConfig
-) -> tuple[dict[int, ShardStats], list[dict]]:
-    queue = collections.deque(pending)
-    attempts: collections.Counter[int] = collections.Counter()
-    last_actor: dict[int, int] = {}
-    inflight: dict = {}
-    idle = list(range(len(pool.actors)))
-    # A replacement actor gets shards once it is up: one with no room left (its node is gone) must
-    # not hold a shard that the other actors could do.
-    starting: dict = {}
-    done: dict[int, ShardStats] = {}
-    failed: list[dict] = []
-    images = skipped = 0
-    seen = [0] * len(pool.actors)
-    bar = tqdm(total=len(pending), unit="shard", desc="pretokenize", disable=not cfg.progress, dynamic_ncols=True)
-    t0 = polled = time.time()
+@dataclass
+class _Outcome:
+    done: dict[int, ShardStats]
+    failed: list[dict]
+    abort: str | None
+    abort_is_config: bool
+    unplaced: list[str]
 
-    def take_for(actor: int) -> InputShard:
-        for i, shard in enumerate(queue):  # prefer a shard that did not just fail on this actor
-            if last_actor.get(shard.index) != actor or len(pool.actors) == 1:
-                del queue[i]
+
+class _ShardBook:
+    """Pending shards and their failures. A shard fails for good once more than ``max_retries``
+    of its failures are charged; failures on an actor later replaced for failing are refunded
+    (unless the shard failed on another device too)."""
+
+    def __init__(self, pending: list[InputShard], max_retries: int):
+        self.queue = collections.deque(pending)
+        self.max_retries = max_retries
+        self.history: dict[int, list[list]] = collections.defaultdict(list)  # [device, reason, charged]
+        self.failed: dict[int, dict] = {}
+        self.done: dict[int, ShardStats] = {}
+        self._shards = {s.index: s for s in pending}
+
+    def attempt(self, index: int) -> int:
+        return len(self.history[index]) + 1
+
+    def _charged(self, index: int) -> int:
+        return sum(1 for _, _, charged in self.history[index] if charged)
+
+    def _failures_on(self, index: int, device: str | None) -> int:
+        return 0 if device is None else sum(1 for d, _, _ in self.history[index] if d == device)
+
+    def take(self, device: str, rivals: list[str | None]) -> InputShard | None:
+        """The next shard that has failed on ``device`` no more often than on any rival device
+        (the other live slots'; None: not started yet, counts as fresh). A failed shard thus waits
+        for another device, but never for one where it failed as often."""
+        for i, shard in enumerate(self.queue):
+            mine = self._failures_on(shard.index, device)
+            if not rivals or mine <= min(self._failures_on(shard.index, d) for d in rivals):
+                del self.queue[i]
                 return shard
-        return queue.popleft()
+        return None
 
-    def retry(shard: InputShard, actor: int, error: str) -> None:
-        attempts[shard.index] += 1
-        last_actor[shard.index] = actor
-        if attempts[shard.index] <= cfg.max_retries:
-            log.warning("shard %d failed (attempt %d), retrying on another actor: %s", shard.index, attempts[shard.index], error)
-            queue.appendleft(shard)
+    def retry(self, shard: InputShard, device: str, reason: str, charged: bool) -> None:
+        self.history[shard.index].append([device, reason, charged])
+        if self._charged(shard.index) > self.max_retries:
+            self.fail(shard, reason)
         else:
-            failed.append({"index": shard.index, "input": redact_url(shard.url), "error": error})
+            log.warning("shard %d failed on %s (attempt %d), retrying: %s", shard.index, device,
+                        len(self.history[shard.index]), reason)
+            self.queue.appendleft(shard)
 
+    def fail(self, shard: InputShard, reason: str) -> None:
+        self.failed[shard.index] = {"index": shard.index, "input": redact_url(shard.url), "error": reason,
+                                    "attempts": max(1, len(self.history[shard.index]))}
+
+    def refund(self, indices: list[int], device: str) -> None:
+        for index in dict.fromkeys(indices):
+            history = self.history[index]
+            if any(d != device and charged for d, _, charged in history):
+                continue  # it failed elsewhere too: the shard itself is suspect
+            for record in history:
+                record[2] = False
+            if self.failed.pop(index, None) is not None:
+                self.queue.appendleft(self._shards[index])
+
+    def commit(self, stats: ShardStats) -> None:
+        self.done[stats.index] = stats
+
+
+def _commit_problem(layout: OutputLayout, stats: ShardStats, storage_options: dict | None) -> str | None:
+    """Check from the driver that a reported commit is visible (retried briefly for NFS caches)."""
+    problem = None
+    for attempt in range(3):
+        try:
+            problem = check_commit(layout, stats, storage_options)
+        except Exception as e:  # noqa: BLE001 - unreachable storage: the shard is redone
+            problem = f"cannot check it: {describe(e)}"
+        if problem is None:
+            return None
+        time.sleep(0.2 * (attempt + 1))
+    return problem
+
+
+def _distribute(pending: list[InputShard], pool: Pool, cfg: PretokenizeConfig,
+                commit_problem: Callable[[ShardStats], str | None], lease: Lease | None = None) -> _Outcome:
+    """Feed ``pending`` to the pool until every shard is done or failed, or the run must stop.
+    ``commit_problem(stats)`` checks a reported commit from the driver (None: it is visible)."""
+    book = _ShardBook(pending, cfg.max_retries)
+    bar = tqdm(total=len(pending), unit="shard", desc="pretokenize", disable=not cfg.progress, dynamic_ncols=True)
+    t0 = time.time()
+    skipped = 0
+    abort = None
     try:
-        while queue or inflight:
-            while idle and queue:
-                a = idle.pop(0)
-                shard = take_for(a)
-                inflight[pool.actors[a].run.remote(shard, attempts[shard.index] + 1)] = (a, shard)
-            ready, _ = ray.wait([*inflight, *starting], num_returns=1, timeout=0.5)
-            for ref in ready:
-                if ref in starting:  # up, or failed to start: then its first shard fails and is retried
-                    idle.append(starting.pop(ref))
-                    continue
-                a, shard = inflight.pop(ref)
-                try:
-                    stats = ray.get(ref)
-                except RayActorError as e:
-                    pool.replace(a)
-                    seen[a] = 0
-                    starting[pool.started(a)] = a
-                    retry(shard, a, f"encoder actor died: {type(e).__name__}")
-                    continue
-                except RayTaskError as e:
-                    retry(shard, a, f"{type(e.cause).__name__}: {e.cause}")
-                else:
-                    done[shard.index] = stats
-                    skipped += len(stats.skipped)
+        while book.queue or pool.busy():
+            if lease is not None:
+                lease.check()
+            if pool.abort is not None:
+                break
+            if not pool.alive():
+                abort = "no encoder actor left: " + (", ".join(pool.unplaced) + " could not be placed"
+                                                     if pool.unplaced else "all were retired")
+                break
+            for slot in pool.idle():
+                shard = book.take(slot.device, pool.rivals(slot))
+                if shard is not None:
+                    pool.assign(slot, shard, book.attempt(shard.index))
+            for event in pool.wait(0.5):
+                if _settle(event, book, pool, cfg, commit_problem):
+                    skipped += len(event.value.skipped)
                     bar.update(1)
-                idle.append(a)
-            if time.time() - polled < PROGRESS_EVERY_S:
-                continue  # polling every actor after every shard would cost O(actors) per shard
-            polled = time.time()
-            for i, p in enumerate(pool.progress(set(starting.values()))):
-                if p is not None:
-                    images += max(0, p - seen[i])
-                    seen[i] = p
-            rate = images / max(1e-9, time.time() - t0)
-            bar.set_postfix_str(f"{images} img, {rate:.1f} img/s, {skipped} skipped, {len(failed)} failed")
+            rate = pool.images_done / max(1e-9, time.time() - t0)
+            bar.set_postfix_str(f"{pool.images_done} img, {rate:.1f} img/s, {skipped} skipped, "
+                                f"{len(book.failed)} failed", refresh=False)
+    except LeaseLost as e:
+        abort = str(e)
     finally:
         bar.close()
         pool.shutdown()
-    return done, failed
+    abort_is_config = False
+    if pool.abort is not None:
+        abort, abort_is_config = pool.abort, pool.abort_is_config
+    if pool.unplaced and pool.ever_started:
+        log.warning("%s could not be placed (each asks %s); the run went on without them",
+                    ", ".join(pool.unplaced), pool.spec.resources())
+    return _Outcome(book.done, sorted(book.failed.values(), key=lambda f: f["index"]), abort, abort_is_config,
+                    pool.unplaced)
 
+
+def _settle(event: Event, book: _ShardBook, pool: Pool, cfg: PretokenizeConfig,
+            commit_problem: Callable[[ShardStats], str | None]) -> bool:
+    """Book one finished shard task; True when the shard is now done."""
+    slot, shard = event.slot, event.shard
+    if event.kind == "done":
+        problem = commit_problem(event.value)
+        if problem is None:
+            book.commit(event.value)
+            pool.committed(slot)
+            return True
+        verdict = Verdict(Kind.TASK, f"{slot.describe()} reported shard {shard.index} committed, but the driver "
+                          f"sees: {problem}", True)
+    else:
+        verdict = classify(event.value)
+    if verdict.kind is Kind.BAD_SHARD:
+        log.warning("shard %d cannot be read, not retried: %s", shard.index, verdict.reason)
+        book.fail(shard, verdict.reason)
+        pool.release(slot)
+        return False
+    book.retry(shard, slot.device, verdict.reason, verdict.charge_shard)
+    if verdict.kind in (Kind.DEVICE, Kind.ACTOR_LOST):
+        pool.replace(slot, f"{verdict.kind.value}: {verdict.reason}")
+    elif verdict.kind is Kind.TASK:
+        slot.streak.append(shard.index)
+        if len(slot.streak) >= cfg.max_actor_failures:
+            book.refund(slot.streak, slot.device)
+            pool.replace(slot, f"{len(slot.streak)} shards failed on it in a row (last: {verdict.reason})")
+        else:
+            pool.release(slot)
+    else:
+        pool.release(slot)
+    return False

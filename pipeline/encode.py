@@ -28,6 +28,7 @@ from .records import DecodedImage, InputShard, Record, SkippedRecord
 from .schema import TokenSchema
 from .sources import iter_records
 from .sources.passthrough import KeptValues
+from .sources.webdataset import DEFAULT_MAX_MEMBER_BYTES
 from .writer import ShardWriter
 
 
@@ -45,6 +46,8 @@ class ShardJob:
     decode_threads: int = 2
     storage_options: dict | None = None
     token_counts: TokenCountSettings | None = None
+    run_id: str = ""
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
 
 
 def _batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
@@ -82,7 +85,7 @@ def encode_shard(
 ) -> ShardStats:
     """Tokenize ``shard`` into its output file and commit it with its stats."""
     start = time.time()
-    writer = ShardWriter(job.layout, shard.index, job.schema, job.manifest, job.storage_options)
+    writer = ShardWriter(job.layout, shard.index, job.schema, job.manifest, job.storage_options, job.run_id)
     skipped: list[dict] = []
     rows_in = 0
     kept = KeptValues(job.schema.kept, job.schema.kept_types())
@@ -93,7 +96,7 @@ def encode_shard(
 
     try:
         with ThreadPoolExecutor(max(1, job.decode_threads), thread_name_prefix="decode") as pool:
-            batches = _batches(iter_records(shard, job.storage_options, columns), job.batch_size)
+            batches = _batches(iter_records(shard, job.storage_options, columns, job.max_member_bytes), job.batch_size)
             ahead: list[Future] | None = None
             for batch in itertools.chain(batches, [None]):
                 submitted = [pool.submit(decode, r) for r in batch] if batch is not None else None
@@ -122,6 +125,9 @@ def encode_shard(
             seconds=round(time.time() - start, 3),
             worker=worker or {},
             kept_nulls=kept.nulls,
+            run_id=job.run_id,
+            batch_size=job.batch_size,
+            device_type=(worker or {}).get("device_type", str(tok.device)),
         )
         return writer.commit(stats)
     except BaseException:

@@ -1,12 +1,18 @@
 """Where everything lives in an output dataset (``OUT/``)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import fsspec
 
 MANIFEST = "pretok.json"
 CARD = "README.md"
+SPLIT_NAME = re.compile(r"^\w+(\.\w+)*$")  # the split names ``datasets`` accepts
+
+
+class OutputError(OSError):
+    """The output cannot be read or written; the message names its URL, never a credential."""
 
 
 @dataclass(frozen=True)
@@ -18,8 +24,9 @@ class OutputLayout:
     num_shards: int
 
     def __post_init__(self) -> None:
-        if not self.split.replace("_", "").replace("-", "").isalnum():
-            raise ValueError(f"split must be alphanumeric (with - or _), not {self.split!r}")
+        if not SPLIT_NAME.match(self.split):
+            raise ValueError(f"split must be letters, digits and _ (dot-separated parts allowed, as in "
+                             f"datasets), not {self.split!r}")
 
     def _join(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
@@ -53,6 +60,16 @@ class OutputLayout:
     @property
     def card_path(self) -> str:
         return self._join(CARD)
+
+    def owns(self, name: str) -> bool:
+        """True for a file name (data, stats or staged) that belongs to this split's shards."""
+        return self.staged_tag(name) is not None
+
+    def staged_tag(self, name: str) -> str | None:
+        """For a file name of this split's shards, the dot-separated part after the shard name
+        (a staged file's run id); None for another split's file."""
+        m = re.match(rf"{re.escape(self.split)}-\d+-of-\d+\.([^.]*)", name)
+        return m.group(1) if m else None
 
     @property
     def data_glob(self) -> str:

@@ -6,14 +6,15 @@ import json
 from dataclasses import asdict, dataclass
 from importlib import metadata
 
-from tokenizer.checkpoint import Checkpoint, read_checkpoint
+from tokenizer.checkpoint import Checkpoint, check_state_dict, fingerprint, read_checkpoint
 from tokenizer.loading import build_tokenizer
 from tokenizer.transform import ImageTransform
 
-from .layout import OutputLayout, filesystem
+from .layout import OutputError, OutputLayout, filesystem
 from .ledger import redact_url
 from .records import SourceListing
 from .sources.storage import storage_errors
+from .urls import canonical_url
 from .writer import write_text_atomic
 
 FORMAT_VERSION = 1
@@ -22,10 +23,6 @@ MISSING_KEY = "missing"  # a split's named input shards that did not exist (--al
 
 class ManifestMismatch(RuntimeError):
     """The output already holds tokens made differently; refused unless ``--overwrite``."""
-
-
-class OutputError(OSError):
-    """The output cannot be read or written; the message names its URL, never a credential."""
 
 
 @dataclass(frozen=True)
@@ -42,17 +39,22 @@ class TokenizerInfo:
     @classmethod
     def from_checkpoint(cls, src: str | Checkpoint, storage_options: dict | None = None) -> "TokenizerInfo":
         """Fingerprint and shape of a checkpoint (a source, or one already read) without allocating
-        the model's weights."""
+        the model's weights.
+
+        Strict: keys and shapes are checked against the meta-device model (no tensor math), so a
+        checkpoint that does not fit its config fails here, before any actor starts."""
         import torch
 
         ckpt = read_checkpoint(src, storage_options)
         with torch.device("meta"):
             model = build_tokenizer(ckpt.config, parts="encoder")
+        state_dict = ckpt.state_dict()  # parsed once: checked, then hashed
+        check_state_dict(model, state_dict, model.decoder_prefixes)
         return cls(
             family=model.family,
             name=ckpt.name,
             source=redact_url(ckpt.source),
-            fingerprint=ckpt.fingerprint,
+            fingerprint=fingerprint(ckpt.config, state_dict),
             num_tokens=model.num_tokens,
             codebook_size=model.codebook_size,
             ordered=model.ordered,
@@ -123,45 +125,105 @@ def _split_identity(entry: dict) -> dict:
     return {k: v for k, v in entry.items() if k != MISSING_KEY}
 
 
-def _mismatch(old: dict, new: dict, split: str) -> list[str]:
+SHARED_SETTINGS = ("transform", "precision", "token_counts", "label_names", "kept")
+
+
+def _shared_diffs(old: dict, new: dict) -> list[str]:
+    """Settings every split of one dataset must share, where ``new`` differs from ``old``."""
     diffs = []
     if old.get("tokenizer", {}).get("fingerprint") != new["tokenizer"]["fingerprint"]:
         diffs.append(f"tokenizer {old.get('tokenizer', {}).get('name')} -> {new['tokenizer']['name']} (fingerprint differs)")
-    for field in ("transform", "precision", "token_counts", "label_names", "kept"):
-        if old.get(field) != new.get(field):
-            diffs.append(f"{field}: {old.get(field)} -> {new.get(field)}")
-    if split in old.get("splits", {}) and _split_identity(old["splits"][split]) != _split_identity(new["splits"][split]):
-        diffs.append(f"split {split!r} input: {old['splits'][split]} -> {new['splits'][split]}")
+    for name in SHARED_SETTINGS:
+        if old.get(name) != new.get(name):
+            diffs.append(f"{name}: {old.get(name)} -> {new.get(name)}")
     return diffs
 
 
-def prepare_output(
-    layout: OutputLayout, manifest: dict, overwrite: bool, storage_options: dict | None = None
-) -> dict:
-    """Write (or merge into) ``pretok.json`` before any shard; refuse a differing run.
+def _same_input(old_entry: dict, new_entry: dict) -> bool:
+    """True when a stored split entry names the same input, also in an earlier version's spelling
+    (relative path, trailing slash, ``s3a://``)."""
+    old_entry, new_entry = _split_identity(old_entry), _split_identity(new_entry)
+    if old_entry == new_entry:
+        return True
+    respelled = {**old_entry, "input": redact_url(canonical_url(str(old_entry.get("input", ""))))}
+    return respelled == new_entry
 
-    With ``overwrite``, previous data, stats and staging files are removed first.
-    Returns the manifest now on disk.
-    """
+
+def read_manifest(layout: OutputLayout, storage_options: dict | None = None) -> dict | None:
     with storage_errors("cannot read output", layout.root, storage_options, OutputError):
         fs, _ = filesystem(layout.root, storage_options)
-        old = None
-        if fs.exists(layout.manifest_path):
-            old = json.loads(fs.cat_file(layout.manifest_path))
-        if old is not None and overwrite:
+        fs.invalidate_cache(layout.manifest_path)
+        if not fs.exists(layout.manifest_path):
+            return None
+        return json.loads(fs.cat_file(layout.manifest_path))
+
+
+def _remove_split(layout: OutputLayout, storage_options: dict | None) -> None:
+    """Delete one split's data, stats and staged files (other splits' files stay)."""
+    fs, _ = filesystem(layout.root, storage_options)
+    doomed = []
+    for folder in (layout.data_dir, layout.stats_dir, layout.tmp_dir):
+        fs.invalidate_cache(folder)
+        try:
+            names = fs.ls(folder, detail=False)
+        except FileNotFoundError:
+            continue
+        doomed += [p for p in names if layout.owns(p.rstrip("/").rsplit("/", 1)[-1])]
+    if doomed:
+        fs.rm(doomed)
+
+
+def prepare_output(
+    layout: OutputLayout, manifest: dict, overwrite: bool = False, storage_options: dict | None = None,
+    overwrite_all: bool = False,
+) -> dict:
+    """Write (or merge into) ``pretok.json`` before any shard; refuse a run that does not fit.
+
+    Hold the manifest lease. ``overwrite`` replaces this split only (its files and manifest
+    entry), refused when the new settings differ from the other splits'; ``overwrite_all``
+    replaces every split. A stored split entry that names the same input in an older spelling is
+    kept as stored, so its run fingerprint (and the resume) stays valid. Returns the manifest now
+    on disk.
+    """
+    split = layout.split
+    new_entry = manifest["splits"][split]
+    old = read_manifest(layout, storage_options)
+    others = sorted(s for s in (old or {}).get("splits", {}) if s != split)
+    if overwrite and not overwrite_all and others and (diffs := _shared_diffs(old, manifest)):
+        raise ManifestMismatch(
+            f"--overwrite replaces split {split!r} only, but the new settings differ from those of split(s) "
+            f"{', '.join(others)} in {redact_url(layout.root)}: " + "; ".join(diffs)
+            + ". Use --overwrite-all to replace every split, or a new output folder."
+        )
+    with storage_errors("cannot write output", layout.root, storage_options, OutputError):
+        if overwrite_all:
+            fs, _ = filesystem(layout.root, storage_options)
             for d in (layout.data_dir, layout.stats_dir, layout.tmp_dir):
                 if fs.exists(d):
                     fs.rm(d, recursive=True)
             old = None
-    split = next(iter(manifest["splits"]))
+        elif overwrite:
+            _remove_split(layout, storage_options)
+            if old is not None:
+                old = {**old, "splits": {s: e for s, e in old["splits"].items() if s != split}} if others else None
     if old is not None:
-        diffs = _mismatch(old, manifest, split)
+        diffs = _shared_diffs(old, manifest)
+        entry = old["splits"].get(split)
+        if entry is not None and not _same_input(entry, new_entry):
+            diffs.append(f"split {split!r} input: {entry} -> {new_entry}")
         if diffs:
+            only_input = len(diffs) == 1 and diffs[0].startswith("split ")
+            remedy = (f"--overwrite to replace split {split!r}" if only_input or not others
+                      else "--overwrite-all to replace every split")
             raise ManifestMismatch(
                 f"{redact_url(layout.root)} already holds tokens made differently: " + "; ".join(diffs)
-                + ". Use a new output folder, or --overwrite to replace its contents."
+                + f". Use a new output folder, or {remedy}."
             )
-        manifest = {**old, "splits": {**old["splits"], **manifest["splits"]}, "software": manifest["software"]}
+        if entry is not None:  # kept as stored (spelling), with the shards that are missing now
+            entry = {**_split_identity(entry), **({MISSING_KEY: new_entry[MISSING_KEY]} if MISSING_KEY in new_entry else {})}
+        splits = {**old["splits"], split: entry if entry is not None else new_entry}
+        manifest = {**old, "splits": splits, "software": manifest["software"]}
     with storage_errors("cannot write output", layout.root, storage_options, OutputError):
-        write_text_atomic(layout.manifest_path, json.dumps(manifest, indent=1, sort_keys=True), storage_options)
+        write_text_atomic(layout.manifest_path, json.dumps(manifest, indent=1, sort_keys=True), storage_options,
+                          layout.tmp_dir)
     return manifest

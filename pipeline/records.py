@@ -56,6 +56,7 @@ class Record:
     label: int | None = None
     caption: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    skip_reason: str | None = None      # set by a reader that refused the image (e.g. too large)
 
 
 @dataclass

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 os.environ["RAY_AUTH_MODE"] = "disabled"  # Ray tests start local clusters without auth tokens
+# Ray's GPUs in tests are fake (ray.init(num_gpus=N)): GPU actors encode on CPU instead of refusing.
+os.environ["PRETOK_SIMULATED_GPUS"] = "1"
 
 S3_KEY = "testing"
 S3_SECRET = "testing"
@@ -84,3 +86,22 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory) -> str:
+    """The tiny single-stage TiTok reference checkpoint as a loadable folder."""
+    from tests.titok_fixtures import write_titok_checkpoint
+
+    return str(write_titok_checkpoint("tiny_vq_single_stage", tmp_path_factory.mktemp("tok")))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A fresh local Ray cluster with 2 CPUs and 2 fake GPUs for one test module (address="local":
+    never joining another local cluster)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()

@@ -1,4 +1,5 @@
-"""Fault-drill helpers: an S3 proxy that injects errors, an output watcher, run comparison.
+"""Fault-drill helpers: an S3 proxy that injects errors, an encoder actor with planned faults,
+an output watcher, run comparison.
 
 ``FaultyS3Proxy`` listens on 127.0.0.1 only and forwards to a real S3 endpoint (the moto server).
 Whether a request fails is a seeded hash of (method, key, query, range, n-th occurrence of that
@@ -7,8 +8,12 @@ request), so the same requests fail in every run whatever the interleaving of th
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import http.client
+import io
+import json
+import os
 import socket
 import struct
 import threading
@@ -17,10 +22,19 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
+from pipeline import decode as decode_module
+from pipeline.actor import SIMULATED_GPUS_ENV, EncoderWorker
+from pipeline.decode import decode_record
 from pipeline.ledger import ShardStats
+from pipeline.records import DecodedImage
+from pipeline.sources import iter_records, list_source
+from tokenizer import load_tokenizer
+from tokenizer.transform import ImageTransform
 
 SLOW_DOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
@@ -50,6 +64,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         body = self._body()
         fault = self.server.proxy.decide(self.command, self.path, self.headers.get("Range", ""))
+        if fault == "lose":  # acknowledge a write that never reaches the store
+            self._reply(200, [("ETag", '"%s"' % hashlib.md5(body).hexdigest())], b"")
+            return
         if fault == "slowdown":
             self._reply(503, [("Content-Type", "application/xml")], SLOW_DOWN)
             return
@@ -106,10 +123,12 @@ class FaultyS3Proxy:
     """
 
     def __init__(self, upstream_url: str, rate: float = 0.1, seed: int = 0,
-                 max_requests: int = 20_000, lifetime_s: float = 600.0):
+                 max_requests: int = 20_000, lifetime_s: float = 600.0, lose_first_put: str | None = None):
+        """``lose_first_put``: the first PUT of each key containing this text is acknowledged
+        but dropped (a store that loses a write)."""
         parsed = urllib.parse.urlsplit(upstream_url)
         self.upstream = (parsed.hostname, parsed.port)
-        self.seed, self.max_requests = seed, max_requests
+        self.seed, self.max_requests, self.lose_first_put = seed, max_requests, lose_first_put
         self._bands = (("slowdown", rate / 2), ("reset", rate * 3 / 4), ("reset_after", rate))
         self.counts: collections.Counter[str] = collections.Counter()
         self._seen: collections.Counter[tuple] = collections.Counter()
@@ -137,6 +156,10 @@ class FaultyS3Proxy:
             if self.counts["requests"] > self.max_requests:
                 self.counts["over_limit"] += 1
                 return "slowdown"
+            if (self.lose_first_put and method == "PUT" and self.lose_first_put in key and not query
+                    and self._seen[ident] == 1):
+                self.counts["lose PUT"] += 1
+                return "lose"
             digest = hashlib.sha256(repr((self.seed, ident, self._seen[ident])).encode()).digest()
             u = int.from_bytes(digest[:8], "big") / 2**64
             fault = next((f for f, p in self._bands if u < p), None)
@@ -253,6 +276,26 @@ def run_in_thread(fn, *args, **kwargs) -> tuple[threading.Thread, dict]:
     return thread, box
 
 
+def finish(thread: threading.Thread, box: dict, timeout_s: float = 240.0):
+    """The result of a ``run_in_thread`` call; fails when it hung or raised."""
+    thread.join(timeout_s)
+    assert not thread.is_alive(), f"the run did not finish within {timeout_s:.0f} s"
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def pretokenize_cli(*args) -> tuple[int, str, str]:
+    """``pretok pretokenize ARGS`` in this process (joining the running cluster): exit status,
+    stdout, stderr."""
+    from jobs import pretokenize
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = pretokenize.main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
 def wait_until(predicate, timeout_s: float = 120.0, interval_s: float = 0.02) -> bool:
     """Poll ``predicate`` until it is true; False when ``timeout_s`` passed first (a hung run)."""
     deadline = time.monotonic() + timeout_s
@@ -272,6 +315,21 @@ def read_output(out: str, storage_options: dict | None = None) -> dict[str, pa.T
         with fs.open(path, "rb") as f:
             tables[path.rsplit("/", 1)[-1]] = pq.read_table(f, columns=["key", "tokens"])
     return tables
+
+
+def expected_tokens(inp, tok_dir, views="center", storage_options=None, **reading) -> dict[str, np.ndarray]:
+    """key -> tokens [V,N] computed directly: the shared transform + tok.encode, no pipeline
+    (``reading``: ``iter_records`` options such as ``max_member_bytes``)."""
+    tok = load_tokenizer(tok_dir)
+    transform = ImageTransform(tok.image_size, views)
+    out = {}
+    for shard in list_source(inp, storage_options=storage_options, images_per_shard=6).shards:
+        for rec in iter_records(shard, storage_options, **reading):
+            d = decode_record(rec, transform)
+            if isinstance(d, DecodedImage):
+                with torch.no_grad():
+                    out[d.key] = tok.encode(torch.from_numpy(d.views).float() / 255).numpy()
+    return out
 
 
 def keyed_tokens(tables: dict[str, pa.Table]) -> dict[str, list]:
@@ -294,3 +352,83 @@ def assert_same_tokens(out: str, clean: str, storage_options: dict | None = None
     got_keys, want_keys = keyed_tokens(got), keyed_tokens(want)
     assert got_keys.keys() == want_keys.keys(), "missing or extra keys"
     assert all(got_keys[k] == want_keys[k] for k in want_keys), "tokens differ from the clean run"
+
+
+class FaultyEncoder(EncoderWorker):
+    """The real encoder actor with faults planned in ``faults.json`` beside the output folder
+    (``tests`` installs it as ``pipeline.distributor.EncoderActor``). Keys of the plan:
+
+    ``broken_gpu``: every shard raises on the actor holding this GPU id (a bad GPU);
+    ``cuda_error_gpu``: the first shard on the actor holding this GPU id raises torch's CUDA
+    out-of-memory error (before ``broken_gpu`` faults);
+    ``hang_once``: the first shard never returns;
+    ``hog_once``: bytes the first shard allocates (for Ray's memory monitor to kill it);
+    ``vanish_once``: the first committed shard's files disappear (as on a node-local disk);
+    ``real_gpus``: start() as on a machine whose Ray GPUs are real (no CPU simulation);
+    ``decode_errors``: {key: exception class name}: decoding that image raises, on the first try;
+    ``cwd``: actors run in this working directory (as under ``ray job submit --working-dir``).
+    "Once" faults are shared by all actors of the run through marker files in the same folder.
+    """
+
+    def __init__(self, tokenizer_src, expected_fingerprint, job, torch_threads):
+        super().__init__(tokenizer_src, expected_fingerprint, job, torch_threads)
+        self.folder = os.path.dirname(os.path.abspath(job.layout.root))
+        path = os.path.join(self.folder, "faults.json")
+        self.plan = json.load(open(path)) if os.path.exists(path) else {}
+        if "cwd" in self.plan:
+            os.chdir(self.plan["cwd"])
+
+    def _once(self, name: str) -> bool:
+        try:
+            os.close(os.open(os.path.join(self.folder, f"fault-{name}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        return True
+
+    def start(self):
+        if self.plan.get("real_gpus"):
+            os.environ.pop(SIMULATED_GPUS_ENV, None)
+        identity = super().start()
+        if self.plan.get("decode_errors"):
+            self._install_decode_errors(self.plan["decode_errors"])
+        return identity
+
+    def _install_decode_errors(self, errors: dict[str, str]) -> None:
+        real, once = decode_module.to_rgb, self._once
+
+        def to_rgb(img):
+            key = _DECODING.key
+            if key in errors and once(f"decode-{key}"):
+                raise {"MemoryError": MemoryError, "RuntimeError": RuntimeError}[errors[key]](f"injected for {key}")
+            return real(img)
+
+        real_decode = decode_module.decode_record
+
+        def decode_record(record, *args, **kwargs):
+            _DECODING.key = record.key
+            return real_decode(record, *args, **kwargs)
+
+        decode_module.to_rgb = to_rgb
+        import pipeline.encode as encode_module
+        encode_module.decode_record = decode_record
+
+    def run(self, shard, attempt=1):
+        gpus = self.identity.get("gpu_ids", [])
+        if self.plan.get("cuda_error_gpu") in gpus and self._once("cuda"):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if self.plan.get("broken_gpu") in gpus:
+            raise RuntimeError(f"broken GPU {gpus}: illegal instruction")
+        if self.plan.get("hang_once") and self._once("hang"):
+            time.sleep(3600)
+        if self.plan.get("hog_once") and self._once("hog"):  # Ray's memory monitor kills us here
+            hog = np.ones(self.plan["hog_once"] // 8)
+            time.sleep(30)
+            del hog
+        stats = super().run(shard, attempt)
+        if self.plan.get("vanish_once") and self._once("vanish"):  # committed where the driver cannot see it
+            os.unlink(self.job.layout.stats_path(shard.index))
+            os.unlink(self.job.layout.data_path(shard.index))
+        return stats
+
+
+_DECODING = threading.local()

@@ -68,7 +68,8 @@ def readme_job(inp: str, out: str, tokenizer: str) -> tuple[list[str], list[str]
     argv = lines[0][3:]
     entry = list(submit.make_context("ray job submit", list(argv)).params["entrypoint"])  # click eats its list
     args = build_parser().parse_args(entry[3:])
-    swap = {args.input: inp, args.output: out, args.tokenizer: tokenizer}
+    assert len(args.input) == 1, f"README's ray job submit line: expected one INPUT, got {args.input}"
+    swap = {args.input[0]: inp, args.output: out, args.tokenizer: tokenizer}
     return argv[: argv.index("--")], [swap.get(a, a) for a in entry]
 
 

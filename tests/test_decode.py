@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from pipeline import decode as decode_module
 from pipeline.decode import decode_record
 from pipeline.records import FORMATS, DecodedImage, Record, SkippedRecord
 from pipeline.sources import iter_records, list_source
@@ -77,3 +78,24 @@ def test_every_bad_kind_is_skipped_or_converted(fmt, tmp_path):
         assert out.views.shape == (1, 3, 32, 32) and out.label == ds.labels[key]
         if bad is not None:
             assert (out.width, out.height) == bad.size, bad
+
+
+def test_only_pillow_errors_are_skips_memory_and_other_errors_fail_the_attempt(monkeypatch):
+    data = jpeg(render(0, (64, 48), np.random.default_rng(0)))
+    truncated = decode_record(Record("t", data[:200]), T32)
+    assert isinstance(truncated, SkippedRecord) and truncated.reason.startswith("undecodable image: ")
+    for error in (MemoryError(), RuntimeError("a bug in the transform"), OSError(28, "No space left on device")):
+        def broken(img, error=error):
+            raise error
+        monkeypatch.setattr(decode_module, "to_rgb", broken)
+        with pytest.raises(type(error)):
+            decode_record(Record("k", data), T32)
+
+
+def test_only_allowed_formats_are_opened_and_reader_refusals_are_kept():
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (9, 99, 199)).save(buf, "PPM")  # Pillow reads PPM, but it is not allowed
+    out = decode_record(Record("p", buf.getvalue()), T32)
+    assert isinstance(out, SkippedRecord) and out.reason.startswith("undecodable image: UnidentifiedImageError")
+    refused = Record("big", None, skip_reason="member too large: .jpg is 9 bytes (limit 8)")
+    assert decode_record(refused, T32) == SkippedRecord("big", "member too large: .jpg is 9 bytes (limit 8)")

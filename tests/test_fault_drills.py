@@ -24,7 +24,7 @@ from ray.cluster_utils import Cluster
 from pipeline.distributor import PretokenizeConfig, run_pretokenize
 from pipeline.ledger import ShardStats
 from pipeline.synthetic import write_synthetic
-from tests.faults import FaultyS3Proxy, OutputWatcher, assert_same_tokens, run_in_thread, wait_until
+from tests.faults import FaultyS3Proxy, OutputWatcher, assert_same_tokens, finish, run_in_thread, wait_until
 from tests.titok_fixtures import write_titok_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,15 +89,6 @@ def all_stats(out: str, storage_options: dict | None = None) -> list[ShardStats]
     fs, root = fsspec.core.url_to_fs(out, **(storage_options or {}))
     fs.invalidate_cache()
     return [ShardStats.from_json(fs.cat_file(p)) for p in sorted(fs.glob(f"{root}/stats/*.json"))]
-
-
-def finish(thread, box) -> object:
-    """The run's summary; fails when the run hung or raised."""
-    thread.join(RUN_TIMEOUT_S)
-    assert not thread.is_alive(), f"the run did not finish within {RUN_TIMEOUT_S} s"
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
 
 
 def staged(out: str) -> set[str]:
@@ -196,7 +187,7 @@ def test_unreachable_output_is_a_clear_error_and_writes_nothing(dataset, tok_dir
         env={**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "", "TMPDIR": str(tmp), "RAY_TMPDIR": str(tmp)},
     )
     assert proc.returncode == 2, proc.stderr
-    assert f"cannot read output {out}" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert f"cannot lock output {out}" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert snapshot(dataset) == before, "the input was modified"
     assert not any(cwd.iterdir()) and not any(tmp.iterdir()), "files were written locally"
 

@@ -96,7 +96,7 @@ def test_credentials_never_logged_or_written(s3, tmp_path):
     assert any("/logs/worker-" in p for p in ray_files), "the Ray workers' own log files were scanned too"
     for proc in runs:
         assert proc.returncode == 1, proc.stderr  # shard 1 fails, the others are written
-        assert "shard 1 failed" in proc.stderr and "FAILED   shard 1" in proc.stdout, proc.stderr
+        assert "shard 1 cannot be read" in proc.stderr and "FAILED   shard 1" in proc.stdout, proc.stderr
         assert not [s for s in SECRETS if s in proc.stdout + proc.stderr]
     outputs = {**everything_under(fs, f"{bucket}/out-env"), **everything_under(fs, f"{bucket}/out-opt")}
     assert {p.rsplit("/", 1)[-1] for p in outputs} >= {"pretok.json", "README.md", "train-00000-of-00003.json",

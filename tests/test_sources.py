@@ -16,7 +16,7 @@ import pytest
 from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 
 from pipeline.records import FORMATS, InputShard
-from pipeline.sources import SourceError, iter_records, list_source
+from pipeline.sources import BadShard, SourceError, iter_records, list_source
 from pipeline.sources.storage import redact
 from pipeline.synthetic import write_synthetic
 
@@ -154,6 +154,7 @@ def test_unreachable_storage_fails_clearly_without_leaking_secrets():
     shard = InputShard(index=0, url="s3://somebucket/data/00000.tar", format="webdataset")
     with pytest.raises(SourceError) as reading_error:
         next(iter_records(shard, options))
+    assert not isinstance(reading_error.value, BadShard), "an unreachable store may work on a retry"
     for error, url in ((listing_error.value, "s3://somebucket/data"), (reading_error.value, shard.url)):
         text = "".join(traceback.format_exception(error))
         assert url in str(error) and "Could not connect" in str(error)
@@ -214,7 +215,7 @@ def test_truncated_tar_yields_complete_samples_then_fails(cut, complete, tmp_pat
     path.write_bytes(data[:end])
     shard = list_source(str(tmp_path)).shards[0]
     keys = []
-    with pytest.raises(SourceError, match=f"cannot read webdataset shard {shard.url}: "):
+    with pytest.raises(BadShard, match=f"cannot read webdataset shard {shard.url}: "):  # no retry helps
         for record in iter_records(shard):
             keys.append(record.key)
     assert keys == list(ds.shard_keys[0][:complete])
@@ -276,3 +277,35 @@ def test_first_record_arrives_without_reading_the_whole_shard(fmt, tmp_path):
     assert next(records).key == ds.shard_keys[0][0]
     assert fs.bytes_read < shard.size / 4
     assert len(list(records)) == 255 and fs.bytes_read >= shard.size * 0.9
+
+
+def test_oversized_tar_members_are_skipped_unread_with_a_reason(tmp_path):
+    big = bytes(range(256)) * 64  # 16 KiB
+    write_tar(tmp_path / "a.tar", [("a.jpg", b"small"), ("b.jpg", big), ("b.txt", b"caption"), ("c.json", big),
+                                   ("d.jpg", b"fine")])
+    shard = list_source(str(tmp_path)).shards[0]
+    records = {r.key: r for r in iter_records(shard, max_member_bytes=len(big) - 1)}
+    assert [k for k in records] == ["a", "b", "c", "d"]
+    assert records["b"].image is None and records["b"].skip_reason == (
+        f"member too large: .jpg is {len(big)} bytes (limit {len(big) - 1})")
+    assert records["c"].skip_reason.startswith("member too large: .json")
+    assert records["a"].skip_reason is None and records["d"].image == b"fine"
+    assert {r.key: r.image for r in iter_records(shard)}["b"] == big  # the default limit is far larger
+
+
+def test_format_auto_refuses_a_mix_but_accepts_img2dataset_metadata(tmp_path):
+    mixed = tmp_path / "mixed"
+    write_synthetic(str(mixed), "imagefolder", num_shards=1, images_per_shard=3)
+    write_tar(mixed / "stray.tar", [("x.jpg", b"X")])
+    with pytest.raises(SourceError, match=r"--format auto found more than one input format: 1 webdataset files "
+                                          r"\(e\.g\. stray\.tar\), 3 imagefolder files \(e\.g\. "):
+        list_source(str(mixed))
+    assert list_source(str(mixed), format="imagefolder").format == "imagefolder"
+    img2dataset = tmp_path / "img2dataset"  # 00000.tar with its 00000.parquet metadata beside it
+    write_synthetic(str(img2dataset), "webdataset", num_shards=2, images_per_shard=2)
+    for stem in ("00000", "00001"):
+        pq.write_table(pa.table({"key": ["a"], "status": ["success"]}), img2dataset / f"{stem}.parquet")
+    assert list_source(str(img2dataset)).format == "webdataset"
+    pq.write_table(pa.table({"key": ["a"]}), img2dataset / "other.parquet")
+    with pytest.raises(SourceError, match="more than one input format"):
+        list_source(str(img2dataset))

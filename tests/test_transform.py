@@ -92,3 +92,35 @@ def test_exif_orientation_is_applied():
     assert rotated.size == (40, 20)
     up = to_rgb(rotated)
     assert up.size == (20, 40)
+
+
+PEAK_GROWTH = """
+import importlib.util, resource, sys
+from PIL import Image
+spec = importlib.util.spec_from_file_location("transform", sys.argv[4])  # without torch (tokenizer/__init__)
+transform = sys.modules["transform"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(transform)
+mode, w, h = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+fill = {"I;16": 1000, "I": 70000, "F": 0.5, "RGBA": (10, 20, 30, 128), "LA": (10, 128)}[mode]
+img = Image.new(mode, (w, h), fill)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = transform.to_rgb(img)
+assert out.mode == "RGB" and out.size == (w, h)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 / (w * h))
+"""
+
+
+@pytest.mark.parametrize("mode", ["I;16", "F", "RGBA"])
+def test_converting_a_huge_image_needs_no_float64_copy(mode):
+    """Peak memory growth of to_rgb on a 16 Mpx image, measured in a fresh process: the RGB result
+    (4 bytes/pixel in Pillow) plus small strips, below one float64 copy (8 bytes/pixel)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    source = Path(__file__).resolve().parents[1] / "tokenizer" / "transform.py"
+    proc = subprocess.run([sys.executable, "-c", PEAK_GROWTH, mode, "4096", "4096", str(source)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    bytes_per_pixel = float(proc.stdout)
+    assert bytes_per_pixel < 8, f"{mode}: to_rgb grew the peak by {bytes_per_pixel:.1f} bytes per pixel"

@@ -122,3 +122,35 @@ def test_redact_url():
     assert redact_url("s3://AKIA:secret@bucket/x") == "s3://bucket/x"
     assert redact_url("https://u:p@host/a@b") == "https://host/a@b"
     assert redact_url("/local/path") == "/local/path"
+
+
+def test_split_names_follow_datasets_rules():
+    OutputLayout("/o", "train.clean_2", 1)
+    with pytest.raises(ValueError, match="split must be letters, digits and _"):
+        OutputLayout("/o", "val-1", 1)  # load_dataset refuses "-" in split names
+    layout = OutputLayout("/o", "train", 3)
+    assert layout.owns("train-00001-of-00003.parquet") and layout.staged_tag("train-00001-of-00003.r1.x.parquet") == "r1"
+    assert not layout.owns("train_extra-00001-of-00003.parquet") and not layout.owns("validation-00001-of-00003.json")
+
+
+def test_next_run_aborts_its_splits_incomplete_uploads_and_the_infra_rule_is_valid(s3, s3_bucket):
+    import re
+    from pathlib import Path
+
+    import boto3
+
+    from pipeline.staging import clean_split_staging
+
+    client = boto3.client("s3", endpoint_url=s3.endpoint_url)
+    bucket = s3_bucket[len("s3://"):]
+    for key in ("out/data/train-00000-of-00002.parquet", "out/data/validation-00000-of-00001.parquet"):
+        client.create_multipart_upload(Bucket=bucket, Key=key)  # as an actor killed mid-upload leaves it
+    assert clean_split_staging(OutputLayout(f"{s3_bucket}/out", "train", 2)) == 1
+    assert [u["Key"] for u in client.list_multipart_uploads(Bucket=bucket)["Uploads"]] == [
+        "out/data/validation-00000-of-00001.parquet"]
+    readme = (Path(__file__).resolve().parents[1] / "infra" / "README.md").read_text()
+    section = readme[readme.index("### S3: abort incomplete multipart uploads"):]
+    rule = json.loads(re.search(r"```json\n(.*?)```", section, re.S).group(1))
+    client.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration=rule)
+    (got,) = client.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
+    assert got["Status"] == "Enabled" and got["AbortIncompleteMultipartUpload"] == {"DaysAfterInitiation": 2}

@@ -11,26 +11,55 @@ import numpy as np
 from PIL import Image, ImageOps
 
 VIEWS = {"center": 1, "flip": 2, "tencrop": 10}
+EXIF_ORIENTATION = 0x0112
 TENCROP_SCALE = 1.1
+
+
+# Conversions of huge images run over row strips of about this many pixels, so their temporaries
+# stay small (a full-size float64 copy of a 64 Mpx 16-bit image would be 512 MiB).
+STRIP_PIXELS = 1 << 20
+
+
+def _strips(img: Image.Image):
+    rows = max(1, STRIP_PIXELS // max(1, img.width))
+    for top in range(0, img.height, rows):
+        yield (0, top, img.width, min(img.height, top + rows))
+
+
+def _grey8(img: Image.Image, scale) -> Image.Image:
+    """8-bit greyscale from a 16/32-bit or float image, ``scale`` applied strip by strip."""
+    out = np.empty((img.height, img.width), np.uint8)
+    for box in _strips(img):
+        out[box[1]:box[3]] = scale(np.asarray(img.crop(box)))
+    return Image.fromarray(out, "L")
+
+
+def _on_white(img: Image.Image) -> Image.Image:
+    """RGB of an image with transparency composited on white, strip by strip."""
+    out = Image.new("RGB", img.size)
+    for box in _strips(img):
+        part = img.crop(box).convert("RGBA")
+        white = Image.new("RGBA", part.size, (255, 255, 255, 255))
+        out.paste(Image.alpha_composite(white, part).convert("RGB"), box)
+    return out
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Upright 8-bit RGB: EXIF orientation applied; grey, CMYK, palette, 16-bit converted;
-    transparency composited on white."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    transparency composited on white. Temporaries are bounded by ``STRIP_PIXELS``, not the image."""
+    if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even an upright image
+        img = ImageOps.exif_transpose(img)
+    if img.mode == "P" and "transparency" not in img.info:
+        img = img.convert("RGB")
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16/32-bit greyscale: scale the full range to 8 bits instead of clipping at 255.
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
+        # 16/32-bit greyscale: scale the full range to 8 bits instead of clipping at 255, rounding
+        # to nearest: floor(v * 255 / top + 1/2) in integers.
+        top = 65535 if img.mode.startswith("I;16") or img.getextrema()[1] > 255 else 255
+        img = _grey8(img, lambda a: ((np.clip(a, 0, top).astype(np.int64) * 510 + top) // (2 * top)).astype(np.uint8))
     if img.mode == "F":
-        img = Image.fromarray(np.clip(np.asarray(img) * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode in ("RGB", "L") and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
+        img = _grey8(img, lambda a: np.clip(a * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA", "P") or (img.mode in ("RGB", "L") and "transparency" in img.info):
+        return _on_white(img)
     return img.convert("RGB") if img.mode != "RGB" else img
 
 

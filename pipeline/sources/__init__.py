@@ -5,6 +5,6 @@ image folders (class subfolders = labels), on any fsspec filesystem (local, ``s3
 """
 from pipeline.sources.listing import list_source
 from pipeline.sources.reading import iter_records
-from pipeline.sources.storage import SourceError
+from pipeline.sources.storage import BadShard, SourceError
 
-__all__ = ["SourceError", "iter_records", "list_source"]
+__all__ = ["BadShard", "SourceError", "iter_records", "list_source"]

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 import fsspec
 
 from pipeline.records import InputShard, Record
-from pipeline.sources.storage import SourceError, is_hidden
+from pipeline.sources.storage import BadShard, SourceError, is_hidden
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 FETCH_BATCH = 32  # images fetched concurrently (remote stores) per step
@@ -64,5 +64,5 @@ def read_imagefolder(fs: fsspec.AbstractFileSystem, root: str, members: Sequence
 def _label(labels: dict[str, int], member: str) -> int:
     folder = member.split("/", 1)[0]
     if folder not in labels:
-        raise SourceError(f"class folder {folder!r} of {member!r} is no longer under the root")
+        raise BadShard(f"class folder {folder!r} of {member!r} is no longer under the root")
     return labels[folder]

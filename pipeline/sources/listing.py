@@ -47,14 +47,25 @@ def _expand(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, Files]:
     return root, sorted(f for f in files if not is_hidden(f[0]))
 
 
+def _stems(files: Files) -> set[str]:
+    return {rel.rsplit(".", 1)[0] for rel, _ in files}
+
+
 def _pick_format(requested: str, files: Files) -> tuple[str, Files]:
-    """The format and its files; ``auto`` prefers tar, then Parquet, then images."""
+    """The format and its files. ``auto`` needs exactly one format among the files, except that
+    img2dataset's per-tar ``.parquet`` metadata files (same stem as a tar) go with webdataset."""
     matching = {fmt: [f for f in files if f[0].lower().endswith(EXTENSIONS[fmt])] for fmt in FORMATS}
     if requested == "auto":
-        for fmt in FORMATS:
-            if matching[fmt]:
-                return fmt, matching[fmt]
-        raise SourceError(f"no .tar, .parquet or image files among {len(files)} files")
+        found = [fmt for fmt in FORMATS if matching[fmt]]
+        if found == ["webdataset", "parquet"] and _stems(matching["parquet"]) <= _stems(matching["webdataset"]):
+            found = ["webdataset"]
+        if len(found) == 1:
+            return found[0], matching[found[0]]
+        if not found:
+            raise SourceError(f"no .tar, .parquet or image files among {len(files)} files")
+        what = ", ".join(f"{len(matching[fmt])} {fmt} files (e.g. {matching[fmt][0][0]})" for fmt in found)
+        raise SourceError(f"--format auto found more than one input format: {what}; "
+                          "pass --format, or point INPUT at the files of one format (a folder or a glob)")
     if not matching[requested]:
         found = ", ".join(f"{len(v)} {fmt} files" for fmt, v in matching.items() if v) or f"{len(files)} other files"
         raise SourceError(f"format {requested!r} needs {'/'.join(EXTENSIONS[requested])} files, found {found}")

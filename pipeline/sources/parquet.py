@@ -13,7 +13,7 @@ from datasets import Features
 
 from pipeline.records import KeptField, Record
 from pipeline.sources.passthrough import column_names
-from pipeline.sources.storage import SourceError, open_input
+from pipeline.sources.storage import BadShard, SourceError, open_input
 
 HF_METADATA_KEY = b"huggingface"
 LABEL_COLUMN = "label"
@@ -72,7 +72,7 @@ def _is_string(t: pa.DataType) -> bool:
 
 
 def columns(schema: pa.Schema) -> ParquetColumns:
-    """The image/label/caption columns of ``schema``; ``SourceError`` when there is no image column.
+    """The image/label/caption columns of ``schema``; ``BadShard`` when there is no image column.
 
     The image column is the first with the Hugging Face ``Image`` feature, else ``image``.
     """
@@ -80,14 +80,14 @@ def columns(schema: pa.Schema) -> ParquetColumns:
     hf_images = [n for n, f in features.items() if isinstance(f, dict) and f.get("_type") == "Image"]
     image = next((n for n in hf_images if n in schema.names), "image")
     if image not in schema.names:
-        raise SourceError(f"no image column (looked for {image!r}) in columns {schema.names}")
+        raise BadShard(f"no image column (looked for {image!r}) in columns {schema.names}")
     image_type = schema.field(image).type
     is_struct = pa.types.is_struct(image_type)
     if not (_is_binary(image_type) or (is_struct and image_type.get_field_index("bytes") >= 0)):
-        raise SourceError(f"image column {image!r} must be binary or struct{{bytes, path}}, not {image_type}")
+        raise BadShard(f"image column {image!r} must be binary or struct{{bytes, path}}, not {image_type}")
     label = LABEL_COLUMN if LABEL_COLUMN in schema.names else None
     if label and not pa.types.is_integer(schema.field(label).type):
-        raise SourceError(f"label column must be integer, not {schema.field(label).type}")
+        raise BadShard(f"label column must be integer, not {schema.field(label).type}")
     caption = next((c for c in CAPTION_COLUMNS if c in schema.names and _is_string(schema.field(c).type)), None)
     label_feature = features.get(LABEL_COLUMN, {}) if label else {}
     names = label_feature.get("names") if label_feature.get("_type") == "ClassLabel" else None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO, Any
@@ -16,6 +17,20 @@ _MAX_DETAIL = 300
 
 class SourceError(ValueError):
     """An input that cannot be listed or read; the message names the URL but never a credential."""
+
+
+class BadShard(SourceError):
+    """A shard whose content no retry can read: corrupt, truncated, of another format, or gone.
+
+    Other ``SourceError``s (network, throttling, permissions) may pass on a retry."""
+
+
+# Failures that come from the bytes themselves (tar, Parquet/Arrow, text decoding) or a missing file.
+_CONTENT_ERRORS = (tarfile.TarError, ValueError, EOFError, FileNotFoundError, IsADirectoryError, NotADirectoryError)
+
+
+def _is_content_error(e: Exception) -> bool:
+    return isinstance(e, BadShard) or (isinstance(e, _CONTENT_ERRORS) and not isinstance(e, SourceError))
 
 
 def open_input(fs: fsspec.AbstractFileSystem, path: str) -> IO[bytes]:
@@ -48,7 +63,8 @@ def redact(text: str, storage_options: dict | None) -> str:
 def storage_errors(
     action: str, url: str, storage_options: dict | None, error: type[Exception] = SourceError
 ) -> Iterator[None]:
-    """Re-raise any failure inside as ``error("{action} {url}: {what went wrong}")``.
+    """Re-raise any failure inside as ``error("{action} {url}: {what went wrong}")``; as
+    ``BadShard`` when ``error`` is ``SourceError`` and the failure lies in the content.
 
     The original exception is dropped (``from None``) so no unredacted text travels with it.
     """
@@ -61,4 +77,5 @@ def storage_errors(
             detail = "not found"
         else:
             detail = f"{type(e).__name__}: {e}"[:_MAX_DETAIL]
-        raise error(redact(f"{action} {url}: {detail}", storage_options)) from None
+        cls = BadShard if error is SourceError and _is_content_error(e) else error
+        raise cls(redact(f"{action} {url}: {detail}", storage_options)) from None
