@@ -18,6 +18,7 @@ from .ledger import Ledger, redact_url
 from .manifest import expected_manifest, run_fingerprint
 from .plan import ActorPlan, cluster_nodes, plan_actors, plan_warnings
 from .records import InputShard
+from .urls import is_local
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class DryRun:
     shards_missing: int                 # named but absent (--allow-missing)
     limit: int | None
     selected: int                       # shards the run may process (all, or the first --limit-shards)
-    done: int                           # of those, done by the ledger (size/ETag checked, as a run does)
+    done: int                           # shards done by the ledger (size/ETag checked, as a run checks)
     pending: tuple[InputShard, ...]
     redo: int                           # stats files the ledger does not accept (their shards are redone)
     busy: tuple[str, ...]               # other runs holding this split's lease now
@@ -72,23 +73,24 @@ class DryRun:
         return "\n".join(lines)
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
+def _size(n: float) -> str:
+    """Bytes for people: 512 B, 90.0 KiB, 1.2 TiB."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
 
 
 def _pending(prepared: PreparedRun) -> tuple[list[InputShard], int, int]:
-    """(pending shards, done among the selected, stats to redo) as the run would find them."""
+    """(pending shards, done shards, stats to redo) as the run would find them, with its refusals."""
     cfg, layout = prepared.cfg, prepared.layout
+    manifest = expected_manifest(layout, prepared.manifest, cfg.overwrite, cfg.storage_options, cfg.overwrite_all)
     if cfg.overwrite or cfg.overwrite_all:
         return list(prepared.selected), 0, 0
-    manifest = expected_manifest(layout, prepared.manifest, False, cfg.storage_options)
     ledger = Ledger.read(layout, run_fingerprint(manifest, cfg.split), cfg.storage_options, verify=cfg.verify)
     pending = [s for s in prepared.selected if s.index not in ledger.done]
-    return pending, len(prepared.selected) - len(pending), len(ledger.redo)
+    return pending, sum(s.index in ledger.done for s in prepared.listing.shards), len(ledger.redo)
 
 
 def dry_run(cfg: PretokenizeConfig, estimate_images: int | None = None) -> DryRun:
@@ -96,15 +98,17 @@ def dry_run(cfg: PretokenizeConfig, estimate_images: int | None = None) -> DryRu
     input); with ``estimate_images`` also a timed sample of that many images and the projection."""
     prepared = prepare_run(cfg)
     cfg, listing, so = prepared.cfg, prepared.listing, prepared.cfg.storage_options
-    if cfg.overwrite or cfg.overwrite_all:  # the refusals of an overwrite, without its deletions
-        expected_manifest(prepared.layout, prepared.manifest, cfg.overwrite, so, cfg.overwrite_all)
     pending, done, redo = _pending(prepared)
     now = time.time()
-    busy = tuple(i.describe(now) for i in live_leases(prepared.layout.root, so, f"split-{cfg.split}"))
+    busy = tuple(i.describe(now) for i in live_leases(prepared.layout.root, so) if i.name == f"split-{cfg.split}")
     sizes = [s.size for s in listing.shards]
     started = _ensure_ray()
     try:
         plan = plan_actors(cluster_nodes(), cfg.actors, cfg.gpus_per_actor, cfg.cpus_per_actor, cfg.decode_workers)
+        warnings = plan_warnings(plan, cfg.gpus_per_actor)
+        if is_local(cfg.output) and len(plan.nodes) > 1:
+            warnings.append(f"local output on a cluster of {len(plan.nodes)} nodes: a run refuses it unless every "
+                            "actor's node sees the driver's folder (a shared filesystem); s3:// needs no such check")
         estimate = error = None
         if estimate_images:
             try:
@@ -123,6 +127,6 @@ def dry_run(cfg: PretokenizeConfig, estimate_images: int | None = None) -> DryRu
         shards_total=len(listing.shards), shards_missing=len(listing.missing), limit=cfg.limit_shards,
         selected=len(prepared.selected), done=done, pending=tuple(pending), redo=redo, busy=busy,
         input_bytes=sum(s for s in sizes if s is not None), pending_bytes=sum(s.size or 0 for s in pending),
-        unknown_sizes=sizes.count(None), plan=plan, warnings=tuple(plan_warnings(plan, cfg.gpus_per_actor)),
+        unknown_sizes=sizes.count(None), plan=plan, warnings=tuple(warnings),
         estimate=estimate, estimate_error=error, token_counts=cfg.token_count_mse is not None,
     )

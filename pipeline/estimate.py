@@ -181,6 +181,8 @@ def _duration(seconds: float) -> str:
 
 def pending_images(sample: SampleTiming, pending: Sequence[InputShard]) -> tuple[int, str]:
     """(images of ``pending``, how that was found): exact for image folders, else from bytes."""
+    if not pending:
+        return 0, "nothing pending"
     if all(s.members for s in pending):
         return sum(len(s.members) for s in pending), "exact: image-folder shards"
     known = [s.size for s in pending if s.size is not None]
