@@ -22,7 +22,8 @@ ARGS = ["--actors", "1", "--gpus-per-actor", "1", "--cpus-per-actor", "0.5", "--
 
 def local_state(root: Path) -> dict[str, tuple]:
     """Every path under ``root``, folders too -> (inode, size, mtime_ns)."""
-    return {str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+    stats = {str(p.relative_to(root)): p.stat() for p in root.rglob("*")}
+    return {p: (s.st_ino, s.st_size, s.st_mtime_ns) for p, s in stats.items()}
 
 
 def s3_state(url: str, storage_options: dict) -> dict[str, tuple]:
@@ -61,7 +62,8 @@ def test_limit_run_then_full_run_equals_one_full_run_and_dry_runs_write_nothing(
     assert f"shards   {SHARDS} total: 2 done (ledger), 2 pending" in stdout, stdout
     assert re.search(r"estimate sample of 4 images \(4 encoded\) on cpu \(simulated GPU\)", stdout), stdout
     assert re.search(r"[\d.]+ img/s per actor x 1 actors = [\d.]+ img/s", stdout), stdout
-    assert re.search(r"\d+ pending images \(estimated from \d+ bytes at \d+ bytes per image.*\) -> [\d.]+ hours", stdout)
+    assert re.search(r"\d+ pending images \(estimated from \d+ bytes at \d+ bytes per image.*\) -> [\d.]+ hours",
+                     stdout), stdout
     code, _, err = pretokenize_cli(*cli, "--dry-run", "--views", "flip")  # refused as the run would be
     assert code == 2 and "already holds tokens made differently" in err and local_state(out) == state
 
