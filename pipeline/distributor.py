@@ -127,8 +127,8 @@ class RunSummary:
             f"rows     {self.rows_in} in = {self.rows_written} written + {self.rows_skipped} skipped (all done shards)",
             f"time     {self.seconds:.1f} s this run ({rate:.1f} img/s)",
         ]
-        if self.limit is not None:
-            lines.append(f"limit    --limit-shards {self.limit}: only the first {min(self.limit, self.shards_total)} "
+        if self.limit is not None and self.limit < self.shards_total:
+            lines.append(f"limit    --limit-shards {self.limit}: only the first {self.limit} "
                          f"of {self.shards_total} shards; the same command without it does the rest")
         if self.shards_missing:
             lines.append(f"missing  {self.shards_missing} named input shards do not exist (listed in pretok.json)")
