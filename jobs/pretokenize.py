@@ -9,6 +9,7 @@ from ray.exceptions import RayError
 
 from jobs.args import non_negative_float, positive_int, storage_options
 from pipeline.distributor import PretokenizeConfig, run_pretokenize
+from pipeline.dryrun import dry_run
 from pipeline.sources.webdataset import DEFAULT_MAX_MEMBER_BYTES
 from tokenizer.sources import SOURCE_HELP
 from tokenizer.transform import VIEWS
@@ -35,6 +36,9 @@ A rerun resumes: finished shards are skipped, failed ones are redone. One run pe
 (a lease in OUTPUT/_locks); runs of different splits into one OUTPUT may go together. Exit status:
 0 done, 1 some shards failed or the run stopped (rerun to retry them), 2 bad input or configuration
 (including actors that cannot be placed or started, and another run writing the same split).
+
+Trial runs: --dry-run prints the plan and writes nothing (--estimate 256 adds a timed projection);
+--limit-shards 10 tokenizes the first 10 shards, and the same command without it resumes from them.
 """
 
 
@@ -76,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-missing", action="store_true",
                    help="run without named input shards that do not exist, recording them in pretok.json "
                    "(default: fail before any work, naming them)")
+    p.add_argument("--limit-shards", type=positive_int, default=None, metavar="N",
+                   help="trial run: process only the first N shards of the sorted shard list, into the same "
+                   "output names and manifest as a full run, which later resumes from them rewriting nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan and exit: shards total/done/pending (done ones from the output's ledger), "
+                   "input bytes, the actor plan of the cluster (RAY_ADDRESS, or a local Ray as a run starts); "
+                   "writes nothing, not even pretok.json or a lock")
+    p.add_argument("--estimate", type=positive_int, default=None, metavar="K",
+                   help="with --dry-run: time K images (read, decode, encode) in one task with an actor's "
+                   "resources and project img/s and hours for the pending shards (their image counts "
+                   "estimated from bytes)")
     p.add_argument("--images-per-shard", type=int, default=1000, help="image-folder shard size (default: 1000)")
     p.add_argument("--storage-options", type=storage_options, default=None, metavar="JSON",
                    help='fsspec options, e.g. \'{"endpoint_url": "http://minio:9000"}\'')
@@ -115,7 +130,7 @@ def config_from_args(args: argparse.Namespace) -> PretokenizeConfig:
         gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
         decode_workers=args.decode_workers, precision=args.precision,
         max_retries=args.max_retries, images_per_shard=args.images_per_shard, keep=tuple(args.keep),
-        keep_all_json=args.keep_all_json, allow_missing=args.allow_missing,
+        keep_all_json=args.keep_all_json, allow_missing=args.allow_missing, limit_shards=args.limit_shards,
         storage_options=args.storage_options, overwrite=args.overwrite, overwrite_all=args.overwrite_all,
         verify=args.verify, lease_wait_s=args.lease_wait, placement_timeout_s=args.placement_timeout,
         max_actor_failures=args.max_actor_failures, max_start_failures=args.max_start_failures,
@@ -137,9 +152,15 @@ def _log_to_stderr() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.estimate is not None and not args.dry_run:
+        parser.error("--estimate goes with --dry-run")
     _log_to_stderr()
     try:
+        if args.dry_run:
+            print(dry_run(config_from_args(args), args.estimate).describe())
+            return 0
         summary = run_pretokenize(config_from_args(args))
     except (ValueError, OSError, RuntimeError, RayError) as e:
         print(f"pretok: error: {e}", file=sys.stderr)

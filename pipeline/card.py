@@ -44,12 +44,45 @@ Pre-tokenized with pretok: every row holds `tokens`
 | split | shards done | rows | skipped inputs |
 |---|---|---|---|
 {rows}
-
+{_kept_section(manifest.get("kept"))}
 ```python
 from datasets import load_dataset
 ds = load_dataset("path/to/this/folder", split="{splits[0]}")
 ```
 `pretok.json` holds the full manifest; `stats/` has per-shard counts and every skipped key with its reason.
+"""
+
+
+def feature_type(feature: dict) -> str:
+    """A Hugging Face feature (datasets' dict form) as one short type name."""
+    kind = feature.get("_type")
+    if kind == "Value":
+        return feature["dtype"]
+    if kind == "ClassLabel":
+        names = feature.get("names") or []
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        return f"ClassLabel ({len(names)} names: {shown})"
+    if kind in ("List", "Sequence", "LargeList"):
+        return f"list<{feature_type(feature['feature'])}>"
+    return str(kind)
+
+
+def _kept_section(kept: list[dict] | None) -> str:
+    """The passthrough columns (``--keep``) with their types and sources; empty when none."""
+    if not kept:
+        return ""
+    rows = []
+    for f in kept:
+        kind = feature_type(f["feature"]) + (" (JSON text: json.loads)" if f.get("json_type") == "json" else "")
+        source = f"`.json` field `{f['source']}`" if f.get("json_type") else f"Parquet column `{f['source']}`"
+        rows.append(f"| `{f['column']}` | {kind} | {source} |")
+    body = "\n".join(rows)
+    return f"""
+Kept source columns (`--keep`; a value of another type is null, counted in `stats/` as `kept_nulls`):
+
+| column | type | from |
+|---|---|---|
+{body}
 """
 
 

@@ -64,6 +64,7 @@ class PretokenizeConfig:
     keep: tuple[str, ...] = ()          # passthrough columns, FIELD[:TYPE] specs (comma lists allowed)
     keep_all_json: bool = False         # every field of the webdataset .json sidecars
     allow_missing: bool = False         # named shards that do not exist are recorded, not an error
+    limit_shards: int | None = None     # trial run: only the first N shards of the listing (same layout)
     storage_options: dict | None = None
     overwrite: bool = False             # replace this split only
     overwrite_all: bool = False         # replace every split (the settings of all may change)
@@ -102,6 +103,7 @@ class RunSummary:
     aborted: str | None = None          # why the run stopped before its queue was empty
     abort_is_config: bool = False       # ... because of the configuration (exit 2)
     unplaced: list[str] = field(default_factory=list)
+    limit: int | None = None            # --limit-shards of this run
 
     @property
     def ok(self) -> bool:
@@ -125,6 +127,9 @@ class RunSummary:
             f"rows     {self.rows_in} in = {self.rows_written} written + {self.rows_skipped} skipped (all done shards)",
             f"time     {self.seconds:.1f} s this run ({rate:.1f} img/s)",
         ]
+        if self.limit is not None and self.limit < self.shards_total:
+            lines.append(f"limit    --limit-shards {self.limit}: only the first {self.limit} "
+                         f"of {self.shards_total} shards; the same command without it does the rest")
         if self.shards_missing:
             lines.append(f"missing  {self.shards_missing} named input shards do not exist (listed in pretok.json)")
         if self.unplaced:
@@ -189,10 +194,31 @@ def _manifest_lease(layout: OutputLayout, run_id: str, cfg: PretokenizeConfig) -
     return _lease(layout, "manifest", run_id, cfg, max(MANIFEST_WAIT_S, 2 * cfg.lease_ttl_s), "the manifest")
 
 
-def run_pretokenize(cfg: PretokenizeConfig) -> RunSummary:
-    """Run (or resume) one split; returns counts. Raises before writing anything on bad input."""
-    start = time.time()
+@dataclass(frozen=True)
+class PreparedRun:
+    """What the driver knows before it touches the output: checked tokenizer, listing, manifest."""
+
+    cfg: PretokenizeConfig                  # with canonical input and output URLs
+    ckpt: Checkpoint
+    tok: TokenizerInfo
+    transform: ImageTransform
+    token_counts: TokenCountSettings | None
+    listing: SourceListing
+    layout: OutputLayout
+    manifest: dict                          # as this run would start it (before merging the stored one)
+
+    @property
+    def selected(self) -> tuple[InputShard, ...]:
+        """The shards this run may process: all, or the first ``limit_shards`` of the sorted listing."""
+        limit = self.cfg.limit_shards
+        return self.listing.shards if limit is None else self.listing.shards[:limit]
+
+
+def prepare_run(cfg: PretokenizeConfig) -> PreparedRun:
+    """Read and check the tokenizer, list the input and build the manifest; writes nothing."""
     cfg = replace(cfg, input=_canonical_inputs(cfg.input), output=canonical_url(cfg.output))
+    if cfg.limit_shards is not None and cfg.limit_shards < 1:
+        raise ValueError(f"--limit-shards must be >= 1, not {cfg.limit_shards}")
     so = cfg.storage_options
     ckpt = read_checkpoint(cfg.tokenizer, so)  # resolved and read once, here; actors get these bytes
     tok = TokenizerInfo.from_checkpoint(ckpt)
@@ -205,9 +231,21 @@ def run_pretokenize(cfg: PretokenizeConfig) -> RunSummary:
     transform = ImageTransform(resolution, cfg.views)
     listing = list_source(cfg.input, cfg.format, so, cfg.images_per_shard, cfg.keep, cfg.keep_all_json,
                           cfg.allow_missing)
+    # The layout and manifest are those of the whole listing, whatever --limit-shards says, so a
+    # trial run's shards keep their names and a later full run resumes from them.
     layout = OutputLayout(cfg.output, cfg.split, listing.num_shards)
     manifest = build_manifest(tok, transform, cfg.precision, listing, cfg.split,
                               token_counts.describe() if token_counts else None)
+    return PreparedRun(cfg, ckpt, tok, transform, token_counts, listing, layout, manifest)
+
+
+def run_pretokenize(cfg: PretokenizeConfig) -> RunSummary:
+    """Run (or resume) one split; returns counts. Raises before writing anything on bad input."""
+    start = time.time()
+    prepared = prepare_run(cfg)
+    cfg, ckpt, tok, transform = prepared.cfg, prepared.ckpt, prepared.tok, prepared.transform
+    so, token_counts, listing, layout = cfg.storage_options, prepared.token_counts, prepared.listing, prepared.layout
+    manifest = prepared.manifest
     run_id = new_run_id()
     with _lease(layout, f"split-{cfg.split}", run_id, cfg, cfg.lease_wait_s, f"split {cfg.split!r}") as lease:
         with _manifest_lease(layout, run_id, cfg):
@@ -222,9 +260,9 @@ def run_pretokenize(cfg: PretokenizeConfig) -> RunSummary:
         for index, why in sorted(ledger.redo.items()):
             log.warning("shard %d is redone: %s", index, why)
         done = ledger.done
-        pending = [s for s in listing.shards if s.index not in done]
+        pending = [s for s in prepared.selected if s.index not in done]
         summary = RunSummary(redact_url(cfg.output), cfg.split, len(listing.shards), len(done), 0, run_id=run_id,
-                             shards_missing=len(listing.missing))
+                             shards_missing=len(listing.missing), limit=cfg.limit_shards)
         if pending:
             job = ShardJob(layout, _schema(tok, transform, listing, token_counts), manifest, fp, transform,
                            cfg.batch_size, cfg.precision, 1, so, token_counts, run_id, cfg.max_member_bytes)

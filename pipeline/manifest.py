@@ -185,9 +185,36 @@ def prepare_output(
     kept as stored, so its run fingerprint (and the resume) stays valid. Returns the manifest now
     on disk.
     """
-    split = layout.split
-    new_entry = manifest["splits"][split]
     old = read_manifest(layout, storage_options)
+    _check_overwrite(layout, manifest, old, overwrite, overwrite_all)
+    with storage_errors("cannot write output", layout.root, storage_options, OutputError):
+        if overwrite_all:
+            fs, _ = filesystem(layout.root, storage_options)
+            for d in (layout.data_dir, layout.stats_dir, layout.tmp_dir):
+                if fs.exists(d):
+                    fs.rm(d, recursive=True)
+        elif overwrite:
+            _remove_split(layout, storage_options)
+    manifest = _merge(layout, manifest, _without_replaced(old, layout.split, overwrite, overwrite_all))
+    with storage_errors("cannot write output", layout.root, storage_options, OutputError):
+        write_text_atomic(layout.manifest_path, json.dumps(manifest, indent=1, sort_keys=True), storage_options,
+                          layout.tmp_dir)
+    return manifest
+
+
+def expected_manifest(
+    layout: OutputLayout, manifest: dict, overwrite: bool = False, storage_options: dict | None = None,
+    overwrite_all: bool = False,
+) -> dict:
+    """The manifest ``prepare_output`` would write, with the same refusals; reads only (dry runs)."""
+    old = read_manifest(layout, storage_options)
+    _check_overwrite(layout, manifest, old, overwrite, overwrite_all)
+    return _merge(layout, manifest, _without_replaced(old, layout.split, overwrite, overwrite_all))
+
+
+def _check_overwrite(layout: OutputLayout, manifest: dict, old: dict | None, overwrite: bool,
+                     overwrite_all: bool) -> None:
+    split = layout.split
     others = sorted(s for s in (old or {}).get("splits", {}) if s != split)
     if overwrite and not overwrite_all and others and (diffs := _shared_diffs(old, manifest)):
         raise ManifestMismatch(
@@ -195,35 +222,38 @@ def prepare_output(
             f"{', '.join(others)} in {redact_url(layout.root)}: " + "; ".join(diffs)
             + ". Use --overwrite-all to replace every split, or a new output folder."
         )
-    with storage_errors("cannot write output", layout.root, storage_options, OutputError):
-        if overwrite_all:
-            fs, _ = filesystem(layout.root, storage_options)
-            for d in (layout.data_dir, layout.stats_dir, layout.tmp_dir):
-                if fs.exists(d):
-                    fs.rm(d, recursive=True)
-            old = None
-        elif overwrite:
-            _remove_split(layout, storage_options)
-            if old is not None:
-                old = {**old, "splits": {s: e for s, e in old["splits"].items() if s != split}} if others else None
-    if old is not None:
-        diffs = _shared_diffs(old, manifest)
-        entry = old["splits"].get(split)
-        if entry is not None and not _same_input(entry, new_entry):
-            diffs.append(f"split {split!r} input: {entry} -> {new_entry}")
-        if diffs:
-            only_input = len(diffs) == 1 and diffs[0].startswith("split ")
-            remedy = (f"--overwrite to replace split {split!r}" if only_input or not others
-                      else "--overwrite-all to replace every split")
-            raise ManifestMismatch(
-                f"{redact_url(layout.root)} already holds tokens made differently: " + "; ".join(diffs)
-                + f". Use a new output folder, or {remedy}."
-            )
-        if entry is not None:  # kept as stored (spelling), with the shards that are missing now
-            entry = {**_split_identity(entry), **({MISSING_KEY: new_entry[MISSING_KEY]} if MISSING_KEY in new_entry else {})}
-        splits = {**old["splits"], split: entry if entry is not None else new_entry}
-        manifest = {**old, "splits": splits, "software": manifest["software"]}
-    with storage_errors("cannot write output", layout.root, storage_options, OutputError):
-        write_text_atomic(layout.manifest_path, json.dumps(manifest, indent=1, sort_keys=True), storage_options,
-                          layout.tmp_dir)
-    return manifest
+
+
+def _without_replaced(old: dict | None, split: str, overwrite: bool, overwrite_all: bool) -> dict | None:
+    """The stored manifest once the splits an overwrite replaces are gone (None: nothing left)."""
+    if old is None or overwrite_all:
+        return None
+    if overwrite:
+        rest = {s: e for s, e in old["splits"].items() if s != split}
+        return {**old, "splits": rest} if rest else None
+    return old
+
+
+def _merge(layout: OutputLayout, manifest: dict, old: dict | None) -> dict:
+    """``manifest`` merged into the stored ``old`` one; ManifestMismatch when they do not fit."""
+    if old is None:
+        return manifest
+    split = layout.split
+    new_entry = manifest["splits"][split]
+    others = sorted(s for s in old["splits"] if s != split)
+    diffs = _shared_diffs(old, manifest)
+    entry = old["splits"].get(split)
+    if entry is not None and not _same_input(entry, new_entry):
+        diffs.append(f"split {split!r} input: {entry} -> {new_entry}")
+    if diffs:
+        only_input = len(diffs) == 1 and diffs[0].startswith("split ")
+        remedy = (f"--overwrite to replace split {split!r}" if only_input or not others
+                  else "--overwrite-all to replace every split")
+        raise ManifestMismatch(
+            f"{redact_url(layout.root)} already holds tokens made differently: " + "; ".join(diffs)
+            + f". Use a new output folder, or {remedy}."
+        )
+    if entry is not None:  # kept as stored (spelling), with the shards that are missing now
+        entry = {**_split_identity(entry), **({MISSING_KEY: new_entry[MISSING_KEY]} if MISSING_KEY in new_entry else {})}
+    splits = {**old["splits"], split: entry if entry is not None else new_entry}
+    return {**old, "splits": splits, "software": manifest["software"]}

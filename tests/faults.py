@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import struct
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -294,6 +295,18 @@ def pretokenize_cli(*args) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = pretokenize.main([str(a) for a in args])
     return code, out.getvalue(), err.getvalue()
+
+
+def unshare_prefix() -> list[str] | None:
+    """A command prefix that runs its command in a new mount namespace (where a bind mount gives
+    it its own view of a folder), if this machine allows it."""
+    for prefix in (["unshare", "-m"], ["unshare", "-m", "-r"]):
+        try:
+            if subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0:
+                return prefix
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return None
 
 
 def wait_until(predicate, timeout_s: float = 120.0, interval_s: float = 0.02) -> bool:

@@ -20,7 +20,8 @@ from pipeline import distributor
 from pipeline.distributor import PretokenizeConfig, run_pretokenize
 from pipeline.ledger import ShardStats
 from pipeline.synthetic import write_synthetic
-from tests.faults import FaultyEncoder, expected_tokens, keyed_tokens, pretokenize_cli, read_output, wait_until
+from tests.faults import (FaultyEncoder, expected_tokens, keyed_tokens, pretokenize_cli, read_output, unshare_prefix,
+                          wait_until)
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--actors", "1", "--gpus-per-actor", "1", "--cpus-per-actor", "0.5", "--batch-size", "2", "--no-progress"]
@@ -31,17 +32,6 @@ def dataset(tmp_path_factory) -> str:
     inp = str(tmp_path_factory.mktemp("data") / "in")
     write_synthetic(inp, "webdataset", num_shards=3, images_per_shard=3, seed=41, image_size=(64, 48))
     return inp
-
-
-def _unshare() -> list[str] | None:
-    """A command prefix that runs its command in a new mount namespace, if this machine allows it."""
-    for prefix in (["unshare", "-m"], ["unshare", "-m", "-r"]):
-        try:
-            if subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0:
-                return prefix
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    return None
 
 
 def _memory_used_fraction() -> tuple[float, int]:
@@ -58,7 +48,7 @@ HOG, MARGIN = 4 << 30, 2 << 30
 def split_view_cluster(tmp_path):
     """A head without GPUs (the driver's node) and a worker node with one GPU whose processes see
     an empty folder over ``outputs``. Yields ``outputs``."""
-    prefix = _unshare()
+    prefix = unshare_prefix()
     if prefix is None:
         pytest.skip("needs mount namespaces (unshare -m) to give a node its own view of a folder")
     outputs, view = tmp_path / "outputs", tmp_path / "node-view"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +39,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient, JobType
 from pipeline.ledger import ShardStats
 from pipeline.plan import plan_cluster
 from pipeline.synthetic import write_synthetic
+from tests.faults import unshare_prefix
 from tests.infra_docs import readme_argv, readme_ray_start_nodes
 from tests.titok_fixtures import write_titok_checkpoint
 
@@ -179,10 +182,14 @@ def cluster(s3_server):
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def submit(rc: RayCluster, job: S3Job, output: str | None = None, timeout: float = JOB_TIMEOUT_S) -> JobRun:
+def submit(rc: RayCluster, job: S3Job, output: str | None = None, timeout: float = JOB_TIMEOUT_S,
+           wrap: Callable[[str], list[str]] | None = None) -> JobRun:
     """The README's `ray job submit` line for ``job``, waiting for its end. ``output`` replaces the job's
-    output URL (a drill of another output, e.g. a local path, submits the same line)."""
+    output URL (a drill of another output, e.g. a local path, submits the same line); ``wrap`` turns the
+    entrypoint's shell command into the one submitted (e.g. run in a mount namespace of its own)."""
     options, entrypoint = readme_job(job.input, output or job.output, job.tokenizer)
+    if wrap is not None:
+        entrypoint = wrap(shlex.join(entrypoint))
     assert options[options.index("--working-dir") + 1] == "."  # run from the checkout: it uploads ROOT
     options[options.index("--address") + 1] = rc.dashboard
     options[options.index("--runtime-env-json") + 1] = json.dumps({"env_vars": job.env})
@@ -349,3 +356,28 @@ def test_default_plan_places_every_actor_next_to_a_cpu_only_node(cluster):
     finally:
         ray.shutdown()
         cluster.cluster.remove_node(big)
+
+
+def test_local_output_not_shared_with_the_gpu_nodes_fails_fast_and_writes_no_data(cluster, s3_job, tmp_path):
+    """The same job into a local folder that the GPU nodes see differently from the driver (as on a
+    cluster without a shared filesystem): the driver runs in a mount namespace where its own, empty
+    folder covers ``outputs``, while the actors on the worker nodes write into the real one."""
+    prefix = unshare_prefix()
+    if prefix is None:
+        pytest.skip("needs mount namespaces (unshare -m) to give the driver its own view of a folder")
+    outputs, driver_view = tmp_path / "outputs", tmp_path / "driver-view"
+    outputs.mkdir()
+    driver_view.mkdir()
+    out = outputs / "out"
+    mount = f"mount --bind {shlex.quote(str(driver_view))} {shlex.quote(str(outputs))}"
+    run = submit(cluster, s3_job, output=str(out), timeout=240,
+                 wrap=lambda command: [*prefix, "sh", "-c", f"{mount} && exec {command}"])
+    assert run.status == JobStatus.FAILED and run.returncode != 0, run.describe()
+    assert f"local output {out} is not shared by the cluster" in run.logs, run.describe()
+    assert "Use a filesystem every node mounts at the same path, or s3://" in run.logs
+    assert "Traceback" not in run.logs, run.describe()
+    assert (driver_view / "out" / "pretok.json").exists(), "the driver wrote its view, not the nodes' one"
+    for where in (driver_view / "out", out, Path(cluster.temp_dir)):  # the driver's view, the nodes', their temp dirs
+        written = [p for p in where.rglob("train-*") if p.suffix in (".parquet", ".json")]
+        assert not written, f"{where}: {written}"
+    assert not (driver_view / "out" / "data").exists() and not (out / "data").exists()

@@ -199,3 +199,32 @@ def test_parquet_keep_reads_only_those_columns_with_their_features(tmp_path):
     with pytest.raises(SourceError, match="--keep-all-json keeps webdataset .json sidecar fields; the input is parquet"):
         list_source(str(tmp_path), keep_all_json=True)
     assert os.path.getsize(shard.url.removeprefix("counting://")) == shard.size
+
+
+def test_dataset_card_lists_kept_columns_with_their_types(tmp_path):
+    from pipeline.card import render_card
+    from pipeline.manifest import TokenizerInfo, build_manifest
+    from tokenizer.transform import ImageTransform
+
+    tok = TokenizerInfo("titok", "tiny", "here", "f" * 64, 8, 16, False, 32)
+
+    def card(listing) -> str:
+        manifest = build_manifest(tok, ImageTransform(32, "center"), "fp32", listing, "train")
+        return render_card(manifest, {"train": {"shards": 1, "done": 1, "rows": 1, "skipped": 0}})
+
+    write_laion(str(tmp_path / "laion"))
+    laion = card(list_source(str(tmp_path / "laion"), keep=["url,AESTHETIC_SCORE,exif,key", "original_width:float64"]))
+    assert "| column | type | from |\n|---|---|---|\n" + "\n".join([
+        "| `url` | string | `.json` field `url` |",
+        "| `AESTHETIC_SCORE` | float64 | `.json` field `AESTHETIC_SCORE` |",
+        "| `exif` | string (JSON text: json.loads) | `.json` field `exif` |",
+        "| `src_key` | string | `.json` field `key` |",
+        "| `original_width` | float64 | `.json` field `original_width` |",
+    ]) + "\n" in laion
+
+    write_imagenet_parquet(str(tmp_path / "imagenet"), num_shards=1, rows=2, drift=False)
+    imagenet = card(list_source(str(tmp_path / "imagenet"), keep=["coarse,bbox,score"]))
+    assert "| `coarse` | ClassLabel (2 names: animal, object) | Parquet column `coarse` |\n" \
+           "| `bbox` | list<float32> | Parquet column `bbox` |\n" \
+           "| `score` | float32 | Parquet column `score` |\n" in imagenet
+    assert "Kept source columns" not in card(list_source(str(tmp_path / "imagenet")))
