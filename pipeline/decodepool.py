@@ -11,8 +11,10 @@ a retryable error, and ``rebuild`` starts fresh workers for the next shard.
 """
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
+import signal
 import resource
 import sys
 import threading
@@ -59,6 +61,22 @@ class _Process(mp_context.ForkServerProcess):
 
 class _ForkServer(mp_context.ForkServerContext):
     Process = _Process
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _worker_start(initializer: Callable | None, initargs: tuple) -> None:
+    """In each worker: die with the fork server (which exits with the actor: a killed actor leaves
+    no decode workers behind), then the pool's own initializer."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: workers end when their queue closes
+        pass
+    if os.getppid() == 1:  # the fork server is already gone
+        os._exit(1)
+    if initializer is not None:
+        initializer(*initargs)
 
 
 class DecodeWorkerLost(RuntimeError):
@@ -153,7 +171,7 @@ class DecodePool:
         if self._executor is None:
             initializer, initargs = self._init
             self._executor = ProcessPoolExecutor(self.workers, mp_context=self._ctx,
-                                                 initializer=initializer, initargs=initargs)
+                                                 initializer=_worker_start, initargs=(initializer, initargs))
         return self._executor
 
     def warm(self, timeout: float) -> list[int]:
@@ -167,10 +185,13 @@ class DecodePool:
             raise TimeoutError(f"{self.workers} decode worker processes did not start within {timeout:.0f} s") from None
 
     def submit(self, task: DecodeTask) -> Future:
+        """Queue ``task``; a pool broken by a worker that died meanwhile is rebuilt first (tasks
+        still in flight on it fail in ``result``)."""
         try:
             return self._pool().submit(decode_task, task)
-        except BrokenProcessPool as e:
-            raise DecodeWorkerLost(f"a decode worker process died: {e}") from None
+        except BrokenProcessPool:
+            self.rebuild()
+            return self._pool().submit(decode_task, task)
 
     def result(self, future: Future, timeout: float) -> TaskResult:
         """The task's result; ``DecodeWorkerLost`` when a worker died (the pool is rebuilt)."""
