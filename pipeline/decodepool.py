@@ -11,13 +11,12 @@ a retryable error, and ``rebuild`` starts fresh workers for the next shard.
 """
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
-import signal
 import resource
 import sys
 import threading
+import time
 import types
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -63,18 +62,23 @@ class _ForkServer(mp_context.ForkServerContext):
     Process = _Process
 
 
-_PR_SET_PDEATHSIG = 1
+OWNER_POLL_S = 1.0
 
 
-def _worker_start(initializer: Callable | None, initargs: tuple) -> None:
-    """In each worker: die with the fork server (which exits with the actor: a killed actor leaves
-    no decode workers behind), then the pool's own initializer."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: workers end when their queue closes
-        pass
-    if os.getppid() == 1:  # the fork server is already gone
-        os._exit(1)
+def _watch_owner(owner: int) -> None:
+    while True:
+        time.sleep(OWNER_POLL_S)
+        try:
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            os._exit(0)
+
+
+def _worker_start(owner: int, initializer: Callable | None, initargs: tuple) -> None:
+    """In each worker: exit when the pool's owner (the actor) is gone, then the pool's own
+    initializer. Workers are children of the fork server, which itself lives as long as any of
+    them does, so neither would notice a killed actor otherwise."""
+    threading.Thread(target=_watch_owner, args=(owner,), name="owner-watch", daemon=True).start()
     if initializer is not None:
         initializer(*initargs)
 
@@ -171,7 +175,8 @@ class DecodePool:
         if self._executor is None:
             initializer, initargs = self._init
             self._executor = ProcessPoolExecutor(self.workers, mp_context=self._ctx,
-                                                 initializer=_worker_start, initargs=(initializer, initargs))
+                                                 initializer=_worker_start,
+                                                 initargs=(os.getpid(), initializer, initargs))
         return self._executor
 
     def warm(self, timeout: float) -> list[int]:

@@ -1,6 +1,8 @@
 """The staged data path (``pipeline.feed``): the same tokens as the in-thread path on every source
-format, a decode worker killed mid-shard costs one retry and nothing else, memory bounded by the
-queues, ``--fast-decode`` recorded and close to exact."""
+format (in-process, the actor's code without Ray), a decode worker killed mid-shard costs one retry
+and nothing else (real driver and actor), memory bounded by the queues, ``--fast-decode`` recorded
+and close to exact. End-to-end runs of every format through the staged path against direct
+encoding are ``tests/test_pretokenize.py::test_format_end_to_end``."""
 from __future__ import annotations
 
 import io
@@ -21,7 +23,16 @@ from pipeline.ledger import ShardStats
 from pipeline.manifest import ManifestMismatch
 from pipeline.records import Record
 from pipeline.synthetic import write_synthetic
-from tests.faults import OutputWatcher, expected_tokens, finish, read_output, run_in_thread, wait_until
+from pipeline.decodepool import DecodePool
+from pipeline.encode import ShardJob, encode_shard
+from pipeline.feed import DeviceStage, DeviceTurns, FeedContext
+from pipeline.layout import OutputLayout
+from pipeline.schema import TokenSchema
+from pipeline.sources import list_source
+from tests.faults import (
+    OutputWatcher, expected_tokens, finish, keyed_tokens, read_output, run_in_thread, wait_until,
+)
+from tokenizer import load_tokenizer
 from tokenizer.transform import ImageTransform
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,23 +47,42 @@ def stats_of(out) -> list[ShardStats]:
     return [ShardStats.from_json(p.read_text()) for p in sorted(Path(out, "stats").glob("*.json"))]
 
 
+@pytest.fixture(scope="module")
+def feed(tok_dir):
+    """The staged path's shared parts, as an actor holds them (one decode worker process)."""
+    tok = load_tokenizer(tok_dir, parts="encoder")
+    t = ImageTransform(tok.image_size, "flip")
+    ctx = FeedContext(DecodePool(1), DeviceStage(tok, "fp32", 2 * t.num_views, (3, t.resolution, t.resolution)),
+                      DeviceTurns())
+    ctx.pool.warm(120)
+    yield tok, t, ctx
+    ctx.pool.close()
+
+
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet", "imagefolder"])
-def test_staged_path_writes_the_tokens_of_the_in_thread_path(cluster, tok_dir, tmp_path, fmt):
-    inp = tmp_path / "in"
-    write_synthetic(str(inp), fmt, num_shards=3, images_per_shard=5, bad=True, seed=5)
-    staged, threaded = tmp_path / "staged", tmp_path / "threaded"
-    assert run_pretokenize(config(inp, staged, tok_dir, format=fmt, views="flip", decode_workers=1)).ok
-    assert run_pretokenize(config(inp, threaded, tok_dir, format=fmt, views="flip", decode_workers=0)).ok
-    got, want = read_output(str(staged)), read_output(str(threaded))
-    assert got.keys() == want.keys() and len(got) >= 3
+def test_staged_path_writes_the_tokens_of_the_in_thread_path(feed, tok_dir, tmp_path, fmt):
+    tok, transform, ctx = feed
+    inp = str(tmp_path / "in")
+    write_synthetic(inp, fmt, num_shards=2, images_per_shard=5, bad=True, seed=5)
+    listing = list_source(inp, fmt, images_per_shard=5)
+    schema = TokenSchema(tok.num_tokens, transform.num_views, listing.has_labels, listing.label_names,
+                         listing.has_captions, False, listing.kept)
+    written = {}
+    for path, feed_ctx in (("staged", ctx), ("in-thread", None)):
+        layout = OutputLayout(str(tmp_path / path), "train", listing.num_shards)
+        job = ShardJob(layout, schema, {}, "fp", transform, batch_size=2)
+        written[path] = [encode_shard(tok, shard, job, feed=feed_ctx) for shard in listing.shards]
+    got, want = read_output(str(tmp_path / "staged")), read_output(str(tmp_path / "in-thread"))
+    assert got.keys() == want.keys() and len(got) == listing.num_shards >= 2
     for name in want:  # same rows in the same order, byte-identical token columns
         assert got[name]["key"].equals(want[name]["key"]) and got[name]["tokens"].equals(want[name]["tokens"]), name
-    direct = expected_tokens(str(inp), tok_dir, "flip")
+    direct = expected_tokens(inp, tok_dir, "flip")  # the shared transform + tok.encode, no pipeline
     rows = {k: np.asarray(t) for table in got.values() for k, t in zip(table["key"].to_pylist(),
                                                                         table["tokens"].to_pylist())}
     assert rows.keys() == direct.keys() and all(np.array_equal(rows[k], direct[k]) for k in rows)
-    skips = lambda out: sorted((s["key"], s["reason"]) for st in stats_of(out) for s in st.skipped)  # noqa: E731
-    assert skips(staged) == skips(threaded) and skips(staged)
+    skips = {p: sorted((s["key"], s["reason"]) for st in w for s in st.skipped) for p, w in written.items()}
+    assert skips["staged"] == skips["in-thread"] and skips["staged"], skips
+    assert [s.rows_in for s in written["staged"]] == [s.rows_in for s in written["in-thread"]]
 
 
 def _decode_workers_of(actor_pid: int) -> list[int]:
@@ -75,9 +105,8 @@ def _decode_workers_of(actor_pid: int) -> list[int]:
 
 
 def test_decode_worker_killed_mid_shard_retries_the_shard_and_loses_nothing(cluster, tok_dir, tmp_path):
-    inp, out, clean = tmp_path / "in", tmp_path / "out", tmp_path / "clean"
-    write_synthetic(str(inp), "webdataset", num_shards=6, images_per_shard=24, seed=8, image_size=(320, 240))
-    assert run_pretokenize(config(inp, clean, tok_dir)).ok
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write_synthetic(str(inp), "webdataset", num_shards=5, images_per_shard=20, seed=8, image_size=(320, 240))
     with OutputWatcher(str(out)) as watcher:
         thread, box = run_in_thread(run_pretokenize, config(inp, out, tok_dir, max_actor_failures=3))
         assert wait_until(lambda: any(Path(out, "stats").glob("*.json")))
@@ -86,15 +115,16 @@ def test_decode_worker_killed_mid_shard_retries_the_shard_and_loses_nothing(clus
         victims = _decode_workers_of(actor)
         os.kill(victims[0], signal.SIGKILL)
         summary = finish(thread, box)
-    assert summary.ok and summary.shards_written == 6 and summary.rows_written == 6 * 24, summary.describe()
+    assert summary.ok and summary.shards_written == 5 and summary.rows_written == 5 * 20, summary.describe()
     stats = stats_of(out)
     retried = [s for s in stats if s.worker["attempt"] > 1]
     assert retried and all(s.worker["pid"] == actor for s in stats), "the actor is kept, its shard retried"
     assert not any(s.skipped for s in stats), "a dead worker is no undecodable image"
     assert set(_decode_workers_of(actor)).isdisjoint(victims) or not _decode_workers_of(actor)
     assert not watcher.problems, watcher.problems
-    got, want = read_output(str(out)), read_output(str(clean))
-    assert got.keys() == want.keys() and all(got[n]["tokens"].equals(want[n]["tokens"]) for n in want)
+    got = keyed_tokens(read_output(str(out)))  # every key once, with the tokens of direct encoding
+    want = expected_tokens(str(inp), tok_dir)
+    assert got.keys() == want.keys() and all(np.array_equal(np.asarray(got[k]), want[k]) for k in want)
 
 
 def test_queue_bounds_hold_memory_flat_on_large_images(tok_dir, tmp_path):
