@@ -47,8 +47,7 @@ from tests.titok_fixtures import write_titok_checkpoint  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 from tokenizer.transform import ImageTransform  # noqa: E402
 
-LOG_ENV = "PRETOK_BENCH_DEVICE_LOG"
-PER_IMAGE_ENV = "PRETOK_BENCH_DEVICE_S"
+DEVICE_FILE = "device.json"  # beside the output folder: {"per_image_s": ..., "logs": folder}
 
 
 class SleepDevice:
@@ -69,12 +68,13 @@ class SleepDevice:
 
 
 class SimulatedEncoder(EncoderWorker):
-    """The real encoder actor with the simulated device (per-image time from the environment)."""
+    """The real encoder actor with the simulated device (settings in ``DEVICE_FILE``)."""
 
     def start(self) -> dict:
         identity = super().start()
-        log = os.path.join(os.environ[LOG_ENV], f"device-{os.getpid()}-{time.time_ns()}.json")
-        self.tok = SleepDevice(self.tok, float(os.environ[PER_IMAGE_ENV]), log)
+        settings = json.loads(Path(self.job.layout.root).parent.joinpath(DEVICE_FILE).read_text())
+        log = os.path.join(settings["logs"], f"device-{os.getpid()}-{time.time_ns()}.json")
+        self.tok = SleepDevice(self.tok, settings["per_image_s"], log)
         if self.feed is not None:
             t = self.job.transform
             self.feed = replace(self.feed, device=DeviceStage(self.tok, self.job.precision,
@@ -112,7 +112,8 @@ def decode_only(data: str, transform: ImageTransform, workers: int, batch: int) 
 def pipeline_run(data: str, out: str, tok_dir: str, per_image_s: float, decode_workers: int, batch: int,
                  logs: str) -> dict:
     """One pretokenize run with the simulated device; busy fraction and img/s over first batch -> last commit."""
-    os.environ[PER_IMAGE_ENV], os.environ[LOG_ENV] = repr(per_image_s), logs
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).parent.joinpath(DEVICE_FILE).write_text(json.dumps({"per_image_s": per_image_s, "logs": logs}))
     for f in glob.glob(os.path.join(logs, "*.json")):
         os.unlink(f)
     cores = os.cpu_count()
@@ -179,7 +180,7 @@ def main() -> None:
     try:
         for name, speed in (("b", 0.5), ("c", 3.0)):
             for path, workers in (("staged", cores), ("in-thread", 0)):
-                runs[name, path] = pipeline_run(data, str(tmp / f"out-{name}-{path}"), tok_dir, 1.0 / (speed * a),
+                runs[name, path] = pipeline_run(data, str(tmp / f"{name}-{path}" / "out"), tok_dir, 1.0 / (speed * a),
                                                 workers, args.batch, logs)
     finally:
         ray.shutdown()
