@@ -289,11 +289,12 @@ def feed_shard(
     finally:
         ctx.turns.finish(ticket)
         reader.stop.set()
-        if writer.is_alive():
+        if writer.is_alive():  # failing: let it stop before the caller aborts the Parquet file
             try:
-                writer.inbox.put_nowait(_END)
+                writer.inbox.put(_END, timeout=STAGE_TIMEOUT_S)
             except queue.Full:
                 pass
+            writer.join(STAGE_TIMEOUT_S)
 
 
 def _with_views(results: list, slab: np.ndarray) -> list[DecodedImage]:
