@@ -158,7 +158,7 @@ def scheduling_cost(shards: int, actors: int, work_s: float) -> float:
     """Wall seconds of the driver loop for ``shards`` stub shards (actors started beforehand; the
     driver's commit check is left out: stub shards have no files)."""
     pool = Pool(ActorSpec(actors, 0.0, 0.1),
-                lambda options: StubWorker.options(**options, max_concurrency=2).remote(work_s))
+                lambda options: StubWorker.options(**options, max_concurrency=3).remote(work_s))
     deadline = time.time() + 120
     while any(s.state is not State.IDLE for s in pool.slots) and time.time() < deadline:
         pool.wait(0.1)

@@ -7,7 +7,7 @@ import sys
 
 from ray.exceptions import RayError
 
-from jobs.args import non_negative_float, positive_int, storage_options
+from jobs.args import non_negative_float, non_negative_int, positive_int, storage_options
 from pipeline.distributor import PretokenizeConfig, run_pretokenize
 from pipeline.dryrun import dry_run
 from pipeline.sources.webdataset import DEFAULT_MAX_MEMBER_BYTES
@@ -66,8 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-actor", type=non_negative_float, default=None,
                    help="CPUs each actor asks for (default: the CPUs per GPU of the GPU nodes, the smallest "
                    "such share so an actor fits on every GPU node; the run logs the plan)")
-    p.add_argument("--decode-workers", type=positive_int, default=None,
-                   help="image decoders per actor (default: one per whole CPU of the actor)")
+    p.add_argument("--decode-workers", type=non_negative_int, default=None,
+                   help="decode processes per actor (default: one per whole CPU of the actor); 0 = decode on "
+                   "threads inside the actor, one shard at a time (the older, slower path)")
+    p.add_argument("--fast-decode", action="store_true",
+                   help="let the JPEG decoder downscale large originals (>= 2x the resize target) in the DCT "
+                   "domain: much faster on LAION-size images, tokens not exactly those of full-size decoding; "
+                   "recorded in the output settings (a run without it is refused there)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="encoder precision (default: fp32)")
     p.add_argument("--max-retries", type=int, default=3, help="retries of a failed shard (default: 3)")
     p.add_argument("--keep", action="append", default=[], metavar="FIELD[,FIELD...]",
@@ -128,7 +133,7 @@ def config_from_args(args: argparse.Namespace) -> PretokenizeConfig:
         input=tuple(args.input), output=args.output, tokenizer=args.tokenizer, format=args.format, split=args.split,
         resolution=args.resolution, views=args.views, batch_size=args.batch_size, actors=args.actors,
         gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
-        decode_workers=args.decode_workers, precision=args.precision,
+        decode_workers=args.decode_workers, fast_decode=args.fast_decode, precision=args.precision,
         max_retries=args.max_retries, images_per_shard=args.images_per_shard, keep=tuple(args.keep),
         keep_all_json=args.keep_all_json, allow_missing=args.allow_missing, limit_shards=args.limit_shards,
         storage_options=args.storage_options, overwrite=args.overwrite, overwrite_all=args.overwrite_all,

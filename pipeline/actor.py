@@ -1,8 +1,10 @@
 """The Ray encoder actor: one tokenizer on one device, shards in, committed shard stats out.
 
 Life cycle (driven by ``pipeline.pool``): the constructor only stores its arguments; ``start``
-loads the tokenizer, checks the device, cleans this split's temp files of earlier runs on its node
-and (local output) writes a probe file the driver must see; then ``run`` processes shards.
+loads the tokenizer, checks the device, starts the decode worker processes (``--decode-workers``
+> 0: the staged path of ``pipeline.feed``), cleans this split's temp files of earlier runs on its
+node and (local output) writes a probe file the driver must see; then ``run`` processes shards, up
+to ``SHARDS_IN_FLIGHT`` at once (the next one reads and decodes while the last one commits).
 """
 from __future__ import annotations
 
@@ -16,13 +18,16 @@ import torch
 from tokenizer import load_tokenizer
 from tokenizer.checkpoint import Checkpoint
 
+from .decodepool import DecodePool
 from .encode import ShardJob, encode_shard
+from .feed import DeviceStage, DeviceTurns, FeedContext
 from .records import InputShard
 from .staging import clean_worker_temp
 from .urls import is_local
 
 # Set to 1 where Ray's GPUs are fake (tests, benchmarks on CPU machines): such actors encode on CPU.
 SIMULATED_GPUS_ENV = "PRETOK_SIMULATED_GPUS"
+DECODE_START_TIMEOUT_S = 300.0
 
 
 class DeviceError(RuntimeError):
@@ -33,16 +38,19 @@ class EncoderWorker:
     """Holds an encoder-only tokenizer (with its decoder when the job computes token counts);
     ``run`` processes one shard at a time.
 
-    Runs as a threaded Ray actor (``max_concurrency=2``) so the driver can poll ``progress``
-    while ``run`` is busy. ``tokenizer`` is the driver's :class:`Checkpoint` (passed as an
+    Runs as a threaded Ray actor (``max_concurrency`` = shards in flight + 1) so the driver can
+    poll ``progress`` while ``run`` is busy. ``tokenizer`` is the driver's :class:`Checkpoint` (passed as an
     ObjectRef, so Ray hands each node the same bytes from its object store; no node needs hub or
     storage access) or a source string; the fingerprint of the weights actually loaded is checked.
     """
 
-    def __init__(self, tokenizer: Checkpoint | str, expected_fingerprint: str, job: ShardJob, torch_threads: int):
+    def __init__(self, tokenizer: Checkpoint | str, expected_fingerprint: str, job: ShardJob, torch_threads: int,
+                 decode_workers: int = 0):
         self._args = (tokenizer, expected_fingerprint, torch_threads)
         self.job = job
+        self.decode_workers = decode_workers
         self.tok = None
+        self.feed: FeedContext | None = None
         self.identity: dict = {}
         self._done = 0
         self._lock = threading.Lock()
@@ -69,6 +77,14 @@ class EncoderWorker:
                 f"tokenizer checkpoint changed since the run started (fingerprint {self.tok.fingerprint[:12]} "
                 f"!= {expected_fingerprint[:12]})"
             )
+        if self.decode_workers > 0:
+            initializer, initargs = self.decode_initializer()
+            pool = DecodePool(self.decode_workers, initializer, initargs)
+            pool.warm(DECODE_START_TIMEOUT_S)
+            t = self.job.transform
+            max_views = self.job.batch_size * t.num_views
+            self.feed = FeedContext(pool, DeviceStage(self.tok, self.job.precision, max_views,
+                                                      (3, t.resolution, t.resolution)), DeviceTurns())
         if device == "cuda":
             device_type = torch.cuda.get_device_name()
         else:
@@ -83,6 +99,10 @@ class EncoderWorker:
             "probe": self._probe(),
         }
         return self.identity
+
+    def decode_initializer(self) -> tuple:
+        """(function, args) each decode worker process runs as it starts; none here."""
+        return None, ()
 
     def _probe(self) -> str | None:
         """For a local output, a file the driver must see (else the output is not shared with it)."""
@@ -103,7 +123,7 @@ class EncoderWorker:
         if self.tok is None:
             raise RuntimeError("run() before start()")
         worker = {k: v for k, v in self.identity.items() if k not in ("probe", "cleaned_temp_files")}
-        return encode_shard(self.tok, shard, self.job, self._advance, {**worker, "attempt": attempt})
+        return encode_shard(self.tok, shard, self.job, self._advance, {**worker, "attempt": attempt}, self.feed)
 
     def progress(self) -> int:
         """Images processed by this actor so far (all shards)."""

@@ -1,7 +1,9 @@
 """Encoded image bytes -> upright RGB -> transform views, or a recorded skip with its reason.
 
-Exactness first: images are decoded at full size (no ``Image.draft`` JPEG downscaling), so the
-views are exactly ``ImageTransform`` of the full image. Truncated files are errors (Pillow's
+Exactness first: images are decoded at full size by default, so the views are exactly
+``ImageTransform`` of the full image. ``fast=True`` (``--fast-decode``) lets the JPEG decoder
+downscale in the DCT domain (``Image.draft``, by 2, 4 or 8) when the original is at least twice the
+transform's resize target; the views then differ slightly from the exact ones. Truncated files are errors (Pillow's
 ``LOAD_TRUNCATED_IMAGES`` stays off). Pillow's own decompression-bomb limit
 (``Image.MAX_IMAGE_PIXELS``) still applies above ``max_pixels``. Only formats in
 ``IMAGE_FORMATS`` are opened.
@@ -18,7 +20,7 @@ import re
 from PIL import Image
 
 from pipeline.records import DecodedImage, Record, SkippedRecord
-from tokenizer.transform import ImageTransform, to_rgb
+from tokenizer.transform import EXIF_ORIENTATION, ImageTransform, to_rgb
 
 DEFAULT_MAX_PIXELS = 1 << 26  # 8192 x 8192
 # Pillow plugins allowed to open input bytes (the formats of IMAGE_EXTENSIONS / webdataset suffixes).
@@ -49,11 +51,25 @@ def raised_by_pillow(e: BaseException) -> bool:
     return str(tb.tb_frame.f_globals.get("__name__", "")).startswith("PIL.")
 
 
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def _draft(img: Image.Image, transform: ImageTransform) -> None:
+    """Let the JPEG decoder downscale by a power of two while the shorter side stays >= the
+    transform's resize target (only when the original is at least twice that target)."""
+    if img.format != "JPEG":
+        return
+    target, (w, h) = transform.resize_side, img.size
+    short = min(w, h)
+    if short >= 2 * target:
+        img.draft(None, (-(-w * target // short), -(-h * target // short)))
+
+
 def decode_record(
-    record: Record, transform: ImageTransform, max_pixels: int = DEFAULT_MAX_PIXELS
+    record: Record, transform: ImageTransform, max_pixels: int = DEFAULT_MAX_PIXELS, fast: bool = False
 ) -> DecodedImage | SkippedRecord:
     """Decode, convert to upright 8-bit RGB and apply ``transform``; width/height are the upright
-    original size. Missing, empty, refused by the reader, oversized (> ``max_pixels``, checked
+    original size (also with ``fast``, see the module docstring). Missing, empty, refused by the reader, oversized (> ``max_pixels``, checked
     from the header before decoding) or undecodable images become a ``SkippedRecord``."""
     if record.skip_reason is not None:
         return SkippedRecord(record.key, record.skip_reason)
@@ -65,6 +81,9 @@ def decode_record(
         with Image.open(io.BytesIO(record.image), formats=IMAGE_FORMATS) as img:
             if img.width * img.height > max_pixels:
                 return SkippedRecord(record.key, f"{TOO_LARGE}: {img.width}x{img.height}")
+            size = img.size[::-1] if img.getexif().get(EXIF_ORIENTATION, 1) in _TRANSPOSED else img.size
+            if fast:
+                _draft(img, transform)
             img.load()
             upright = to_rgb(img)
             views = transform(upright)
@@ -79,8 +98,8 @@ def decode_record(
     return DecodedImage(
         key=record.key,
         views=views,
-        width=upright.width,
-        height=upright.height,
+        width=size[0],
+        height=size[1],
         label=record.label,
         caption=record.caption,
         extra=record.extra,

@@ -41,6 +41,7 @@ from .staging import clean_shared_staging, clean_split_staging, list_names
 from .urls import canonical_url, is_local
 
 log = logging.getLogger("pretok")
+SHARDS_IN_FLIGHT = 2  # per actor (staged path): the next shard reads and decodes while the last commits
 PROBE_GRACE_S = 2.0  # how long the driver looks for an actor's probe file on a local output (NFS caches)
 
 
@@ -57,8 +58,9 @@ class PretokenizeConfig:
     actors: int | None = None           # default: one per GPU share, or one per 4 CPUs without GPUs
     gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0 (CPU)
     cpus_per_actor: float | None = None  # default: the GPU nodes' CPUs per GPU (pipeline.plan)
-    decode_workers: int | None = None   # default: one per whole CPU of the actor
+    decode_workers: int | None = None   # default: one per whole CPU of the actor; 0: threads in the actor
     precision: str = "fp32"
+    fast_decode: bool = False           # JPEG DCT-domain downscaling of large originals (not exact)
     max_retries: int = 3                # charged failures of one shard before it fails for good
     images_per_shard: int = 1000        # imagefolder chunking
     keep: tuple[str, ...] = ()          # passthrough columns, FIELD[:TYPE] specs (comma lists allowed)
@@ -159,9 +161,11 @@ def _canonical_inputs(inputs: str | tuple[str, ...]) -> tuple[str, ...]:
     return tuple("@" + canonical_url(i[1:]) if i.startswith("@") else canonical_url(i) for i in items)
 
 
-def _new_actor(tokenizer: ray.ObjectRef, fingerprint: str, job: ShardJob, threads: int):
+def _new_actor(tokenizer: ray.ObjectRef, fingerprint: str, job: ShardJob, threads: int, decode_workers: int,
+               shards_in_flight: int):
     def make(options: dict):
-        return EncoderActor.options(**options, max_concurrency=2).remote(tokenizer, fingerprint, job, threads)
+        return EncoderActor.options(**options, max_concurrency=shards_in_flight + 1).remote(
+            tokenizer, fingerprint, job, threads, decode_workers)
     return make
 
 
@@ -235,7 +239,7 @@ def prepare_run(cfg: PretokenizeConfig) -> PreparedRun:
     # trial run's shards keep their names and a later full run resumes from them.
     layout = OutputLayout(cfg.output, cfg.split, listing.num_shards)
     manifest = build_manifest(tok, transform, cfg.precision, listing, cfg.split,
-                              token_counts.describe() if token_counts else None)
+                              token_counts.describe() if token_counts else None, cfg.fast_decode)
     return PreparedRun(cfg, ckpt, tok, transform, token_counts, listing, layout, manifest)
 
 
@@ -265,7 +269,8 @@ def run_pretokenize(cfg: PretokenizeConfig) -> RunSummary:
                              shards_missing=len(listing.missing), limit=cfg.limit_shards)
         if pending:
             job = ShardJob(layout, _schema(tok, transform, listing, token_counts), manifest, fp, transform,
-                           cfg.batch_size, cfg.precision, 1, so, token_counts, run_id, cfg.max_member_bytes)
+                           cfg.batch_size, cfg.precision, 1, so, token_counts, run_id, cfg.max_member_bytes,
+                           cfg.fast_decode)
             outcome = _encode(pending, cfg, ckpt, tok, job, lease)
             done.update(outcome.done)
             summary.shards_written, summary.shards_failed = len(outcome.done), outcome.failed
@@ -295,12 +300,15 @@ def _encode(pending: list[InputShard], cfg: PretokenizeConfig, ckpt: Checkpoint,
     started = _ensure_ray()
     try:
         plan = plan_cluster(cfg.actors, cfg.gpus_per_actor, cfg.cpus_per_actor, cfg.decode_workers)
-        job = replace(job, decode_threads=plan.decode_workers)
+        threads = max(1, int(plan.cpus_per_actor))
+        job = replace(job, decode_threads=threads)
+        # the in-thread path (--decode-workers 0) runs one shard at a time, as before the staged path
+        in_flight = SHARDS_IN_FLIGHT if plan.decode_workers > 0 else 1
         spec = ActorSpec(plan.actors, plan.gpus_per_actor, plan.cpus_per_actor, cfg.placement_timeout_s,
-                         cfg.start_timeout_s, cfg.stall_timeout_s, cfg.max_start_failures)
+                         cfg.start_timeout_s, cfg.stall_timeout_s, cfg.max_start_failures, in_flight)
         root = job.layout.root
         check = _probe_check(root) if is_local(root) else (lambda identity: None)
-        make = _new_actor(ray.put(ckpt), tok.fingerprint, job, max(1, int(plan.cpus_per_actor)))
+        make = _new_actor(ray.put(ckpt), tok.fingerprint, job, threads, plan.decode_workers, in_flight)
         return _distribute(pending, Pool(spec, make, check), cfg,
                            lambda stats: _commit_problem(job.layout, stats, cfg.storage_options), lease)
     finally:
@@ -373,6 +381,10 @@ class _ShardBook:
                         len(self.history[shard.index]), reason)
             self.queue.appendleft(shard)
 
+    def requeue(self, shard: InputShard) -> None:
+        """Back to the front of the queue, nothing charged (its attempt was cut short elsewhere)."""
+        self.queue.appendleft(shard)
+
     def fail(self, shard: InputShard, reason: str) -> None:
         self.failed[shard.index] = {"index": shard.index, "input": redact_url(shard.url), "error": reason,
                                     "attempts": max(1, len(self.history[shard.index]))}
@@ -424,9 +436,8 @@ def _distribute(pending: list[InputShard], pool: Pool, cfg: PretokenizeConfig,
                 abort = "no encoder actor left: " + (", ".join(pool.unplaced) + " could not be placed"
                                                      if pool.unplaced else "all were retired")
                 break
-            for slot in pool.idle():
-                shard = book.take(slot.device, pool.rivals(slot))
-                if shard is not None:
+            for slot in pool.with_room():
+                while pool.has_room(slot) and (shard := book.take(slot.device, pool.rivals(slot))) is not None:
                     pool.assign(slot, shard, book.attempt(shard.index))
             for event in pool.wait(0.5):
                 if _settle(event, book, pool, cfg, commit_problem):
@@ -454,6 +465,11 @@ def _settle(event: Event, book: _ShardBook, pool: Pool, cfg: PretokenizeConfig,
             commit_problem: Callable[[ShardStats], str | None]) -> bool:
     """Book one finished shard task; True when the shard is now done."""
     slot, shard = event.slot, event.shard
+    if event.kind == "orphaned":
+        log.warning("shard %d is redone: it was in flight on %s, replaced (%s)", shard.index, slot.describe(),
+                    event.value)
+        book.requeue(shard)
+        return False
     if event.kind == "done":
         problem = commit_problem(event.value)
         if problem is None:

@@ -1,8 +1,11 @@
-"""One shard, start to finish: read -> decode (thread pool) -> encode (device) -> write -> commit.
+"""One shard, start to finish: read -> decode -> encode (device) -> write -> commit.
 
-Ray-free, so the same code runs in an encoder actor, in a test, or in the benchmark's baseline.
-Decoding of batch i+1 runs on the thread pool while the device encodes batch i. Batches are cut
-in shard order with a fixed size, so the tokens of a shard do not depend on timing or retries.
+Ray-free, so the same code runs in an encoder actor, in a test, or in a benchmark. Two data paths
+with the same tokens: the staged one (``pipeline.feed``: decode worker processes, background read
+and write) when a ``FeedContext`` is given, else the in-thread one (``--decode-workers 0``): a
+thread pool decodes batch i+1 while the device encodes batch i, reading and writing in line.
+Batches are cut in shard order with a fixed size, so the tokens of a shard do not depend on
+timing, retries or the path.
 With ``ShardJob.token_counts`` each row also gets ``num_tokens_needed`` (its first view's token
 count, ``tokenizer.flextok.counts``), which costs a few decodes per image on the same device.
 """
@@ -22,6 +25,7 @@ from tokenizer.flextok.counts import TokenCountSettings, count_tokens
 from tokenizer.transform import ImageTransform
 
 from .decode import decode_record
+from .feed import FeedContext, feed_shard
 from .layout import OutputLayout
 from .ledger import ShardStats, redact_url
 from .records import DecodedImage, InputShard, Record, SkippedRecord
@@ -43,11 +47,12 @@ class ShardJob:
     transform: ImageTransform
     batch_size: int = 64
     precision: str = "fp32"
-    decode_threads: int = 2
+    decode_threads: int = 2             # in-thread path only
     storage_options: dict | None = None
     token_counts: TokenCountSettings | None = None
     run_id: str = ""
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+    fast_decode: bool = False           # JPEG DCT-domain downscaling (pipeline.decode)
 
 
 def _batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
@@ -82,8 +87,10 @@ def encode_shard(
     job: ShardJob,
     on_progress: Callable[[int], None] = lambda n: None,
     worker: dict | None = None,
+    feed: FeedContext | None = None,
 ) -> ShardStats:
-    """Tokenize ``shard`` into its output file and commit it with its stats."""
+    """Tokenize ``shard`` into its output file and commit it with its stats (``feed``: the staged
+    path's decode pool, device stage and device turns; None: the in-thread path)."""
     start = time.time()
     writer = ShardWriter(job.layout, shard.index, job.schema, job.manifest, job.storage_options, job.run_id)
     skipped: list[dict] = []
@@ -91,28 +98,25 @@ def encode_shard(
     kept = KeptValues(job.schema.kept, job.schema.kept_types())
     columns = [f.source for f in job.schema.kept if f.json_type is None]
 
-    def decode(record: Record) -> DecodedImage | SkippedRecord:
-        return decode_record(record, job.transform)
+    def finish_batch(good: list[DecodedImage], tokens: np.ndarray) -> list[DecodedImage]:
+        good = kept.apply(good)
+        if job.token_counts is not None:
+            good = with_token_counts(tok, good, tokens, job.token_counts, job.precision)
+        return good
+
+    def on_batch(results: list) -> None:
+        nonlocal rows_in
+        rows_in += len(results)
+        skipped.extend({"key": r.key, "reason": r.reason} for r in results if isinstance(r, SkippedRecord))
+        on_progress(len(results))
 
     try:
-        with ThreadPoolExecutor(max(1, job.decode_threads), thread_name_prefix="decode") as pool:
-            batches = _batches(iter_records(shard, job.storage_options, columns, job.max_member_bytes), job.batch_size)
-            ahead: list[Future] | None = None
-            for batch in itertools.chain(batches, [None]):
-                submitted = [pool.submit(decode, r) for r in batch] if batch is not None else None
-                if ahead is not None:
-                    results = [f.result() for f in ahead]
-                    rows_in += len(results)
-                    good = [r for r in results if isinstance(r, DecodedImage)]
-                    skipped += [{"key": r.key, "reason": r.reason} for r in results if isinstance(r, SkippedRecord)]
-                    if good:
-                        good = kept.apply(good)
-                        tokens = encode_views(tok, good, job.precision)
-                        if job.token_counts is not None:
-                            good = with_token_counts(tok, good, tokens, job.token_counts, job.precision)
-                        writer.write(good, tokens)
-                    on_progress(len(results))
-                ahead = submitted
+        records = iter_records(shard, job.storage_options, columns, job.max_member_bytes)
+        if feed is not None:
+            feed_shard(feed, records, job.batch_size, job.transform, job.fast_decode, finish_batch,
+                       writer.write, on_batch)
+        else:
+            _encode_in_thread(tok, records, job, finish_batch, writer.write, on_batch)
         stats = ShardStats(
             index=shard.index,
             shard=job.layout.shard_name(shard.index),
@@ -133,3 +137,23 @@ def encode_shard(
     except BaseException:
         writer.abort()
         raise
+
+
+def _encode_in_thread(tok: ImageTokenizer, records: Iterable[Record], job: ShardJob, finish_batch, write,
+                      on_batch) -> None:
+    """The in-thread path: decode on a thread pool one batch ahead of the device."""
+    def decode(record: Record) -> DecodedImage | SkippedRecord:
+        return decode_record(record, job.transform, fast=job.fast_decode)
+
+    with ThreadPoolExecutor(max(1, job.decode_threads), thread_name_prefix="decode") as pool:
+        ahead: list[Future] | None = None
+        for batch in itertools.chain(_batches(records, job.batch_size), [None]):
+            submitted = [pool.submit(decode, r) for r in batch] if batch is not None else None
+            if ahead is not None:
+                results = [f.result() for f in ahead]
+                good = [r for r in results if isinstance(r, DecodedImage)]
+                if good:
+                    tokens = encode_views(tok, good, job.precision)
+                    write(finish_batch(good, tokens), tokens)
+                on_batch(results)
+            ahead = submitted

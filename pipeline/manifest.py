@@ -78,9 +78,10 @@ def _sha(obj) -> str:
 
 def build_manifest(
     tok: TokenizerInfo, transform: ImageTransform, precision: str, listing: SourceListing, split: str,
-    token_counts: dict | None = None,
+    token_counts: dict | None = None, fast_decode: bool = False,
 ) -> dict:
-    """``token_counts``: the settings of the ``num_tokens_needed`` column, None when it is off."""
+    """``token_counts``: the settings of the ``num_tokens_needed`` column, None when it is off;
+    ``fast_decode``: JPEG DCT-domain downscaling on (recorded as ``decode``, absent when off)."""
     # Names only: fixing a corrupt input shard (new size) and rerunning must stay possible. Named
     # shards still missing count too, so a rerun once they exist resumes into the same names.
     named = sorted((*listing.shards, *listing.missing), key=lambda s: s.index)
@@ -99,6 +100,7 @@ def build_manifest(
         "transform": transform.describe(),
         "precision": precision,
         "token_counts": token_counts,
+        "decode": FAST_DECODE if fast_decode else None,
         "label_names": list(listing.label_names) if listing.label_names else None,
         "kept": [asdict(f) for f in listing.kept] or None,
         "splits": {split: split_entry},
@@ -108,13 +110,13 @@ def build_manifest(
 
 def run_fingerprint(manifest: dict, split: str) -> str:
     """Identity of the tokens one split holds: tokenizer, transform, precision, token-count
-    settings and kept columns (when on) and its inputs.
+    settings, kept columns and fast decoding (when on) and its inputs.
 
     Software versions are recorded but not compared, so an upgrade does not block a resume.
     """
     parts = [manifest["tokenizer"]["fingerprint"], manifest["transform"], manifest["precision"],
              split, _split_identity(manifest["splits"][split])]
-    for optional in ("token_counts", "kept"):  # absent or null: the fingerprint of earlier versions
+    for optional in ("token_counts", "kept", "decode"):  # absent or null: the fingerprint of earlier versions
         if manifest.get(optional) is not None:
             parts.append(manifest[optional])
     return _sha(parts)
@@ -125,7 +127,10 @@ def _split_identity(entry: dict) -> dict:
     return {k: v for k, v in entry.items() if k != MISSING_KEY}
 
 
-SHARED_SETTINGS = ("transform", "precision", "token_counts", "label_names", "kept")
+SHARED_SETTINGS = ("transform", "precision", "token_counts", "decode", "label_names", "kept")
+# What ``--fast-decode`` records: the views are not exactly those of the full-size image.
+FAST_DECODE = {"fast_decode": True, "method": "JPEG DCT-domain downscale (PIL Image.draft, by 2/4/8) when the "
+               "shorter side is >= 2x the resize target"}
 
 
 def _shared_diffs(old: dict, new: dict) -> list[str]:

@@ -71,7 +71,7 @@ class ActorPlan:
         device = f"{self.gpus_per_actor:g} GPU" if self.gpus_per_actor > 0 else "CPU only"
         lines = [
             f"actor plan: {self.actors} encoder actors x {{{device}, {self.cpus_per_actor:g} CPU}}, "
-            f"{self.decode_workers} decode workers each; {len(self.nodes)} alive nodes, "
+            f"{self.decode_workers} decode workers each{'' if self.decode_workers else ' (threads in the actor)'}; {len(self.nodes)} alive nodes, "
             f"{sum(n.gpus for n in self.nodes):g} GPUs, room for {self.capacity} actors"
         ]
         lines += [
@@ -93,7 +93,8 @@ def plan_actors(
     ``gpus_per_actor=None``: one GPU each when a node has a GPU, else CPU encoders. GPU actors: one per
     GPU share on every node, CPUs = the smallest per-actor CPU share among the nodes that hold one. CPU
     encoders: ``CPU_ACTOR_CPUS`` each (less on a smaller cluster), or with ``actors`` given the largest
-    equal share that places them all. ``decode_workers``: one per whole CPU of the actor, at least 1.
+    equal share that places them all. ``decode_workers``: decode processes, one per whole CPU of the
+    actor, at least 1; 0 = decode on threads inside the actor (the in-thread path).
     """
     nodes = tuple(nodes)
     gpa = gpus_per_actor if gpus_per_actor is not None else (1.0 if any(n.gpus >= 1 for n in nodes) else 0.0)
@@ -101,8 +102,8 @@ def plan_actors(
         raise ValueError("--gpus-per-actor and --cpus-per-actor must be >= 0")
     if actors is not None and actors < 1:
         raise ValueError(f"--actors must be >= 1, not {actors}")
-    if decode_workers is not None and decode_workers < 1:
-        raise ValueError(f"--decode-workers must be >= 1, not {decode_workers}")
+    if decode_workers is not None and decode_workers < 0:
+        raise ValueError(f"--decode-workers must be >= 0, not {decode_workers}")
     if gpa > 0:
         per_node = {n: math.floor(n.gpus / gpa + _EPS) for n in nodes}
         hosts = [n for n, k in per_node.items() if k > 0]
@@ -111,7 +112,7 @@ def plan_actors(
     else:
         n_actors, share = _cpu_actors(nodes, actors)
     cpa = cpus_per_actor if cpus_per_actor is not None else _floor(share)
-    workers = decode_workers or max(1, math.floor(cpa + _EPS))
+    workers = decode_workers if decode_workers is not None else max(1, math.floor(cpa + _EPS))
     return ActorPlan(n_actors, gpa, cpa, workers, nodes)
 
 

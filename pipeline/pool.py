@@ -1,14 +1,17 @@
 """The encoder actor pool: a small state machine per actor slot.
 
 ```
-PENDING --resources reserved--> STARTING --start() returns--> IDLE <--> BUSY
+PENDING --resources reserved--> STARTING --start() returns--> IDLE <--> BUSY (1..K shards)
    |  placement timeout            |  start failed / timed out        |  K task failures in a row,
    v                               v                                  v  a CUDA error, death, stall
   GONE (named in the summary)     replaced (new actor, PENDING)      replaced (new actor, PENDING)
 ```
 Each slot reserves its resources as a one-bundle placement group, so "placed" means Ray granted
-them (not that a worker process happened to start quickly); its actor is created inside it. Work
-goes only to IDLE slots. ``N`` start failures in a row (any slots) abort the run with the real
+them (not that a worker process happened to start quickly); its actor is created inside it. A
+started slot holds up to ``ActorSpec.shards_in_flight`` shards at once, so an actor starts the next
+shard while it commits the last one (no drain at shard boundaries). When a slot's actor is
+replaced, its other shards in flight come back as ``orphaned`` events: redone elsewhere, not
+charged (the failure that replaced the actor is charged to the shard that reported it). ``N`` start failures in a row (any slots) abort the run with the real
 cause; a slot replaced ``MAX_REPLACEMENTS`` times without a committed shard is retired. Every Ray
 call has a timeout, and every Ray error is caught here and turned into an event.
 """
@@ -53,6 +56,7 @@ class ActorSpec:
     start_timeout_s: float = 900.0
     stall_timeout_s: float = 900.0     # a busy actor whose image count does not move for this long is hung
     max_start_failures: int = 3
+    shards_in_flight: int = 2          # per actor
 
     def resources(self) -> dict[str, float]:
         return {k: v for k, v in (("GPU", self.num_gpus), ("CPU", self.num_cpus)) if v}
@@ -64,9 +68,9 @@ class Slot:
     state: State = State.PENDING
     actor: Any = None
     group: Any = None                # its placement group
-    ref: Any = None                  # in flight: the group's ready() (PENDING), start() (STARTING), run() (BUSY)
+    ref: Any = None                  # in flight: the group's ready() (PENDING), start() (STARTING)
     since: float = 0.0               # monotonic time of the last state change
-    shard: InputShard | None = None
+    tasks: dict = field(default_factory=dict)  # BUSY: run() ref -> its shard, oldest first
     identity: dict = field(default_factory=dict)
     streak: list[int] = field(default_factory=list)  # shards of its consecutive task failures
     replacements: int = 0            # since its last committed shard
@@ -88,10 +92,10 @@ class Slot:
 
 @dataclass
 class Event:
-    kind: str                        # "done" | "failed"
+    kind: str                        # "done" | "failed" | "orphaned"
     slot: Slot
     shard: InputShard
-    value: Any = None                # ShardStats for done, the exception for failed
+    value: Any = None                # ShardStats for done, the exception for failed, why for orphaned
 
 
 def _kill(slot: Slot) -> None:
@@ -126,6 +130,7 @@ class Pool:
         self.images_done = 0             # images reported by all actors so far
         self._progress_at = 0.0
         self.slots = [Slot(i) for i in range(spec.count)]
+        self._orphans: list[Event] = []
         for slot in self.slots:
             self._launch(slot)
 
@@ -135,7 +140,7 @@ class Pool:
 
     def _launch(self, slot: Slot) -> None:
         """Reserve the slot's resources (PENDING); its actor is created once they are granted."""
-        slot.identity, slot.images, slot.progress_ref, slot.shard = {}, 0, None, None
+        slot.identity, slot.images, slot.progress_ref = {}, 0, None
         try:
             slot.group = placement_group([self.spec.resources() or {"CPU": 0.001}])
             self._set(slot, State.PENDING, slot.group.ready())
@@ -155,8 +160,10 @@ class Pool:
             self._set(slot, State.GONE)
 
     def replace(self, slot: Slot, why: str) -> None:
-        """Kill the slot's actor and start a new one (or retire the slot)."""
+        """Kill the slot's actor and start a new one (or retire the slot); its other shards in
+        flight are reported as orphaned by the next ``wait``."""
         _kill(slot)
+        self._orphan(slot, why)
         slot.streak = []
         slot.replacements += 1
         if slot.replacements > MAX_REPLACEMENTS:
@@ -167,25 +174,36 @@ class Pool:
         log.warning("replacing %s: %s", slot.describe(), why)
         self._launch(slot)
 
+    def _orphan(self, slot: Slot, why: str) -> None:
+        self._orphans += [Event("orphaned", slot, shard, why) for shard in slot.tasks.values()]
+        slot.tasks = {}
+
     def committed(self, slot: Slot) -> None:
         slot.streak, slot.replacements = [], 0
-        self._set(slot, State.IDLE)
+        self.release(slot)
 
     def release(self, slot: Slot) -> None:
-        """Back to IDLE after a failure that does not condemn the actor."""
-        self._set(slot, State.IDLE)
+        """After a shard's task ended without condemning the actor: IDLE once none is in flight."""
+        if not slot.tasks and slot.state is State.BUSY:
+            self._set(slot, State.IDLE)
 
     def _abort(self, reason: str, config: bool) -> None:
         if self.abort is None:
             self.abort, self.abort_is_config = reason, config
 
     # -- work -----------------------------------------------------------------------------------
-    def idle(self) -> list[Slot]:
-        return [s for s in self.slots if s.state is State.IDLE]
+    def has_room(self, slot: Slot) -> bool:
+        """True when the slot's actor is started and can take another shard now."""
+        return slot.state is State.IDLE or (slot.state is State.BUSY and len(slot.tasks) < self.spec.shards_in_flight)
+
+    def with_room(self) -> list[Slot]:
+        return [s for s in self.slots if self.has_room(s)]
 
     def assign(self, slot: Slot, shard: InputShard, attempt: int) -> None:
-        slot.shard, slot.moved = shard, time.monotonic()
-        self._set(slot, State.BUSY, slot.actor.run.remote(shard, attempt))
+        slot.moved = time.monotonic()
+        if slot.state is State.IDLE:
+            self._set(slot, State.BUSY)
+        slot.tasks[slot.actor.run.remote(shard, attempt)] = shard
 
     def alive(self) -> bool:
         return any(s.state is not State.GONE for s in self.slots)
@@ -197,6 +215,7 @@ class Pool:
         """Wait up to ``timeout`` for any call in flight; handle placements and starts, and return
         the shard tasks that finished (results already fetched, errors as values)."""
         by_ref = {s.ref: s for s in self.slots if s.ref is not None}
+        by_ref.update({ref: s for s in self.slots for ref in s.tasks})
         ready = []
         if by_ref:
             try:
@@ -220,13 +239,13 @@ class Pool:
                     self._create(slot)
             elif slot.state is State.STARTING:
                 self._started(slot, value, error)
-            elif slot.state is State.BUSY:
-                shard = slot.shard
-                slot.ref = None
+            elif ref in slot.tasks:
+                shard = slot.tasks.pop(ref)
                 events.append(Event("failed" if error else "done", slot, shard, error or value))
         self._expire()
         self._poll_progress()
-        return events + self._stalled()
+        orphans, self._orphans = self._orphans, []
+        return orphans + events + self._stalled()
 
     def _started(self, slot: Slot, identity: dict | None, error: Exception | None) -> None:
         if error is not None:
@@ -274,16 +293,18 @@ class Pool:
                 f"{_totals()} in all, {_available()} available", config=True)
 
     def _stalled(self) -> list[Event]:
-        """Busy slots whose image count has not moved within the stall timeout: killed, reported."""
+        """Busy slots whose image count has not moved within the stall timeout: killed; the oldest
+        shard is reported failed, the others orphaned."""
         now, events = time.monotonic(), []
         for slot in self.slots:
-            if slot.state is State.BUSY and slot.ref is not None and now - slot.moved > self.spec.stall_timeout_s:
-                shard = slot.shard
+            if slot.state is State.BUSY and slot.tasks and now - slot.moved > self.spec.stall_timeout_s:
+                why = f"no image done for {self.spec.stall_timeout_s:.0f} s on {slot.describe()}; killed"
+                oldest = slot.tasks.pop(next(iter(slot.tasks)))
                 _kill(slot)
-                slot.ref = None
-                events.append(Event("failed", slot, shard, ActorStalled(
-                    f"no image done for {self.spec.stall_timeout_s:.0f} s on {slot.describe()}; killed")))
-        return events
+                self._orphan(slot, why)
+                events.append(Event("failed", slot, oldest, ActorStalled(why)))
+        orphans, self._orphans = self._orphans, []
+        return orphans + events
 
     def _poll_progress(self) -> None:
         now = time.monotonic()

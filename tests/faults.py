@@ -383,8 +383,8 @@ class FaultyEncoder(EncoderWorker):
     "Once" faults are shared by all actors of the run through marker files in the same folder.
     """
 
-    def __init__(self, tokenizer_src, expected_fingerprint, job, torch_threads):
-        super().__init__(tokenizer_src, expected_fingerprint, job, torch_threads)
+    def __init__(self, tokenizer_src, expected_fingerprint, job, torch_threads, decode_workers=0):
+        super().__init__(tokenizer_src, expected_fingerprint, job, torch_threads, decode_workers)
         self.folder = os.path.dirname(os.path.abspath(job.layout.root))
         path = os.path.join(self.folder, "faults.json")
         self.plan = json.load(open(path)) if os.path.exists(path) else {}
@@ -392,38 +392,20 @@ class FaultyEncoder(EncoderWorker):
             os.chdir(self.plan["cwd"])
 
     def _once(self, name: str) -> bool:
-        try:
-            os.close(os.open(os.path.join(self.folder, f"fault-{name}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return False
-        return True
+        return once(self.folder, name)
 
     def start(self):
         if self.plan.get("real_gpus"):
             os.environ.pop(SIMULATED_GPUS_ENV, None)
         identity = super().start()
-        if self.plan.get("decode_errors"):
-            self._install_decode_errors(self.plan["decode_errors"])
+        if self.plan.get("decode_errors") and self.decode_workers == 0:
+            install_decode_errors(self.folder, self.plan["decode_errors"])  # decoding runs in this process
         return identity
 
-    def _install_decode_errors(self, errors: dict[str, str]) -> None:
-        real, once = decode_module.to_rgb, self._once
-
-        def to_rgb(img):
-            key = _DECODING.key
-            if key in errors and once(f"decode-{key}"):
-                raise {"MemoryError": MemoryError, "RuntimeError": RuntimeError}[errors[key]](f"injected for {key}")
-            return real(img)
-
-        real_decode = decode_module.decode_record
-
-        def decode_record(record, *args, **kwargs):
-            _DECODING.key = record.key
-            return real_decode(record, *args, **kwargs)
-
-        decode_module.to_rgb = to_rgb
-        import pipeline.encode as encode_module
-        encode_module.decode_record = decode_record
+    def decode_initializer(self) -> tuple:
+        if self.plan.get("decode_errors"):  # decoding runs in the decode worker processes
+            return install_decode_errors, (self.folder, self.plan["decode_errors"])
+        return super().decode_initializer()
 
     def run(self, shard, attempt=1):
         gpus = self.identity.get("gpu_ids", [])
@@ -442,6 +424,35 @@ class FaultyEncoder(EncoderWorker):
             os.unlink(self.job.layout.stats_path(shard.index))
             os.unlink(self.job.layout.data_path(shard.index))
         return stats
+
+
+def once(folder: str, name: str) -> bool:
+    """True for the first caller of any process of the run (a marker file in ``folder``)."""
+    try:
+        os.close(os.open(os.path.join(folder, f"fault-{name}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def install_decode_errors(folder: str, errors: dict[str, str]) -> None:
+    """In this process: decoding image ``key`` raises ``errors[key]`` (an exception class name),
+    once per run, from outside Pillow (where the real decoder runs it: an actor or decode worker)."""
+    real_to_rgb, real_decode = decode_module.to_rgb, decode_module.decode_record
+
+    def to_rgb(img):
+        key = _DECODING.key
+        if key in errors and once(folder, f"decode-{key}"):
+            raise {"MemoryError": MemoryError, "RuntimeError": RuntimeError}[errors[key]](f"injected for {key}")
+        return real_to_rgb(img)
+
+    def decode_record(record, *args, **kwargs):
+        _DECODING.key = record.key
+        return real_decode(record, *args, **kwargs)
+
+    import pipeline.encode as encode_module
+    decode_module.to_rgb = to_rgb
+    decode_module.decode_record = encode_module.decode_record = decode_record
 
 
 _DECODING = threading.local()

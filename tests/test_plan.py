@@ -132,7 +132,7 @@ def test_node_shapes_from_ray_nodes():
     ]
 
 
-@pytest.mark.parametrize("kwargs", [{"actors": 0}, {"cpus_per_actor": -1}, {"gpus_per_actor": -0.5}, {"decode_workers": 0}])
+@pytest.mark.parametrize("kwargs", [{"actors": 0}, {"cpus_per_actor": -1}, {"gpus_per_actor": -0.5}, {"decode_workers": -1}])
 def test_bad_overrides_are_refused(kwargs):
     with pytest.raises(ValueError, match="must be >= "):
         plan_actors([node(4, 1)], **kwargs)
@@ -144,7 +144,7 @@ def test_cli_sizing_flags(capsys):
     base = ["in", "out", "--tokenizer", "tok"]
     cfg = config_from_args(build_parser().parse_args([*base, "--cpus-per-actor", "2.5", "--decode-workers", "3"]))
     assert (cfg.actors, cfg.gpus_per_actor, cfg.cpus_per_actor, cfg.decode_workers) == (None, None, 2.5, 3)
-    for bad in (["--decode-workers", "0"], ["--cpus-per-actor", "-1"], ["--cpus-per-actor", "nan"], ["--actors", "0"]):
+    for bad in (["--decode-workers", "-1"], ["--cpus-per-actor", "-1"], ["--cpus-per-actor", "nan"], ["--actors", "0"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args([*base, *bad])
         assert "must be >= " in capsys.readouterr().err

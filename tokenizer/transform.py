@@ -116,11 +116,16 @@ class ImageTransform:
     def num_views(self) -> int:
         return VIEWS[self.views]
 
+    @property
+    def resize_side(self) -> int:
+        """The shorter side images are resized to before cropping."""
+        return int(round(self.resolution * TENCROP_SCALE)) if self.views == "tencrop" else self.resolution
+
     def crops(self, img: Image.Image) -> list[Image.Image]:
         img = to_rgb(img)
         r = self.resolution
         if self.views == "tencrop":
-            five = five_crops(resize_shorter(img, int(round(r * TENCROP_SCALE))), r)
+            five = five_crops(resize_shorter(img, self.resize_side), r)
             return five + [_hflip(c) for c in five]
         crop = center_crop(resize_shorter(img, r), r)
         return [crop, _hflip(crop)] if self.views == "flip" else [crop]
