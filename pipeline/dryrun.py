@@ -115,7 +115,7 @@ def dry_run(cfg: PretokenizeConfig, estimate_images: int | None = None) -> DryRu
                 sample = sample_on_cluster(
                     prepared.ckpt, pending or prepared.selected, prepared.transform, estimate_images,
                     cfg.batch_size, cfg.precision, plan, so, cfg.placement_timeout_s + cfg.start_timeout_s,
-                    cfg.max_member_bytes)
+                    cfg.max_member_bytes, cfg.fast_decode)
                 estimate = project(sample, plan, pending)
             except EstimateError as e:
                 error = str(e)

@@ -64,7 +64,7 @@ def _device() -> tuple[str, str]:
 def measure_sample(
     ckpt: Checkpoint, shards: Sequence[InputShard], transform: ImageTransform, images: int, batch_size: int,
     precision: str = "fp32", storage_options: dict | None = None, threads: int = 1,
-    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES, fast_decode: bool = False,
 ) -> SampleTiming:
     """Read, decode and encode the first ``images`` records of ``shards`` (in order); nothing is written."""
     device, device_name = _device()
@@ -88,7 +88,7 @@ def measure_sample(
                         whole.append((n, shard.size))
                     break
                 t = time.perf_counter()
-                d = decode_record(record, transform)
+                d = decode_record(record, transform, fast=fast_decode)
                 decode_s += time.perf_counter() - t
                 n += 1
                 nbytes += len(record.image or b"")
@@ -110,14 +110,14 @@ def measure_sample(
 def sample_on_cluster(
     ckpt: Checkpoint, shards: Sequence[InputShard], transform: ImageTransform, images: int, batch_size: int,
     precision: str, plan: ActorPlan, storage_options: dict | None, timeout_s: float,
-    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES, fast_decode: bool = False,
 ) -> SampleTiming:
     """``measure_sample`` in a Ray task that asks for one actor's resources; EstimateError when it
     fails or does not finish within ``timeout_s`` (no node with room, a hung read)."""
     task = ray.remote(measure_sample).options(num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,
                                                max_retries=0)
     ref = task.remote(ray.put(ckpt), list(shards), transform, images, batch_size, precision, storage_options,
-                      max(1, int(plan.cpus_per_actor)), max_member_bytes)
+                      max(1, int(plan.cpus_per_actor)), max_member_bytes, fast_decode)
     ready, _ = ray.wait([ref], timeout=timeout_s)
     if not ready:
         ray.cancel(ref, force=True)
