@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"0 = off. Changes no token (default: {DEFAULT_QA_EVERY})")
     p.add_argument("--qa-min-psnr", type=float, default=DEFAULT_QA_MIN_PSNR, metavar="DB",
                    help="warn loudly when the mean QA PSNR is below this, naming the likely causes "
-                   f"(default: {DEFAULT_QA_MIN_PSNR:g}, about what keeping only each image's mean colour scores)")
+                   f"(default: {DEFAULT_QA_MIN_PSNR:g}; unrelated pixels score 8-13 dB, see pipeline.qa)")
     p.add_argument("--no-report", action="store_true", help="do not draw the run report (OUTPUT/report/*.png)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
