@@ -26,7 +26,7 @@ from jobs.inspect import main as inspect_main
 from pipeline.decode import decode_record
 from pipeline.distributor import PretokenizeConfig, run_pretokenize
 from pipeline.ledger import ShardStats
-from pipeline.qa import DEFAULT_QA_MIN_PSNR, QASummary, ShardQA, decode_ids, psnr
+from pipeline.qa import DEFAULT_QA_MIN_PSNR, QASummary, ShardQA, psnr
 from pipeline.records import DecodedImage
 from pipeline.report import PLOTS
 from tests.faults import expected_tokens
@@ -57,7 +57,7 @@ def inp(tmp_path_factory) -> str:
 
 
 def config(inp: str, out: str, tok: str, **kw) -> PretokenizeConfig:
-    base = dict(actors=2, gpus_per_actor=1.0, cpus_per_actor=0.5, batch_size=4, progress=False, images_per_shard=6,
+    base = dict(actors=1, gpus_per_actor=1.0, cpus_per_actor=0.5, batch_size=4, progress=False, images_per_shard=6,
                 format="imagefolder", qa_every=QA_EVERY)
     return PretokenizeConfig(input=inp, output=out, tokenizer=tok, **{**base, **kw})
 
@@ -208,7 +208,7 @@ def test_stage1_titok_records_unavailable_and_qa_off_does_nothing():
 
 def test_flextok_qa_decodes_the_full_id_sequence(tmp_path):
     tok = load_tokenizer(str(write_flextok_checkpoint(tmp_path / "flextok")))
-    images = _images(2, tok.image_size, seed=3)
+    images = _images(1, tok.image_size, seed=3)
     views = torch.from_numpy(np.concatenate([d.views for d in images]))
     ids = tok.encode_uint8(views)
     assert ids.shape[1] == tok.num_tokens
@@ -219,8 +219,6 @@ def test_flextok_qa_decodes_the_full_id_sequence(tmp_path):
     noise = image_noise(keys, 0, noise_shape(tok, tok.image_size))
     mse = reconstruction_mse(tok, views.float() / 255, ids.long(), noise, settings)
     np.testing.assert_allclose(qa.fields()["qa_psnr"], (10 * torch.log10(1 / mse)).numpy(), atol=0.01)
-    short = decode_ids(tok, ids.long()[:, :1], keys, tok.image_size)  # a 1-token prefix decodes differently
-    assert not torch.allclose(short, decode_ids(tok, ids.long(), keys, tok.image_size))
 
 
 def _stats(**qa) -> ShardStats:
