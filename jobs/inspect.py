@@ -1,7 +1,9 @@
-"""``pretok inspect``: one output shard's stats, and a contact sheet of originals next to their
+"""``pretok inspect``: one output shard's stats, the split's run report (the plots a run draws at
+its end, redrawn from the stats and data files), and a contact sheet of originals next to their
 reconstructions from the stored tokens.
 
-    pretok inspect OUT [--shard 0] [--split train] [--tokenizer SRC] [--sheet sheet.png]
+    pretok inspect OUT [--shard 0] [--split train] [--report-dir DIR | --no-report]
+                       [--tokenizer SRC] [--sheet sheet.png]
 
 The originals are re-read from the shard's input and put through the same transform as during
 pretokenization; the tokens are decoded with the tokenizer (default: the one recorded in
@@ -20,7 +22,10 @@ import torch
 
 from pipeline.decode import decode_record
 from pipeline.layout import OutputLayout, filesystem
-from pipeline.ledger import ShardStats
+from pipeline.ledger import Ledger, ShardStats
+from pipeline.manifest import run_fingerprint
+from pipeline.qa import DEFAULT_QA_MIN_PSNR, QASummary
+from pipeline.report import write_report
 from pipeline.records import DecodedImage, InputShard
 from pipeline.sources import iter_records
 from tokenizer import load_tokenizer
@@ -40,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "bare model.safetensors (default: the source recorded in pretok.json, a hub commit for hub ids)")
     p.add_argument("--sheet", default=None, help="PNG contact sheet to write (default: no sheet)")
     p.add_argument("--max-images", type=int, default=16)
+    p.add_argument("--report-dir", default=None, metavar="DIR",
+                   help="where to draw the split's run report (default: OUT/report, where the run draws it)")
+    p.add_argument("--no-report", action="store_true", help="do not draw the run report")
+    p.add_argument("--qa-min-psnr", type=float, default=DEFAULT_QA_MIN_PSNR, metavar="DB",
+                   help=f"the QA warning threshold marked on the PSNR plot (default: {DEFAULT_QA_MIN_PSNR:g})")
     p.add_argument("--storage-options", type=storage_options, default=None, metavar="JSON")
     return p
 
@@ -52,6 +62,8 @@ def shard_report(stats: ShardStats) -> str:
         f"data     {stats.data_bytes} bytes, {stats.seconds:.2f} s, worker {stats.worker}",
     ]
     lines += [f"skipped  {n} x {reason}" for reason, n in reasons.most_common()]
+    if stats.qa_psnr or stats.qa_unavailable:
+        lines.append(f"qa       {QASummary.of([stats]).describe()} (every {stats.qa_every})")
     return "\n".join(lines)
 
 
@@ -100,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pretok: error: shard {a.shard} of {a.split} is not done (no {layout.stats_path(a.shard)})", file=sys.stderr)
         return 2
     print(shard_report(stats))
+    if not a.no_report:
+        done = Ledger.read(layout, run_fingerprint(manifest, a.split), so).done
+        written = write_report(layout, manifest, done, so, a.qa_min_psnr, a.report_dir)
+        folder = written[0].rsplit("/", 1)[0]
+        print(f"qa       {QASummary.of(done.values()).describe()}")
+        print(f"report   {folder}/: {', '.join(w.rsplit('/', 1)[-1] for w in written)} ({len(done)} done shards)")
     if a.sheet:
         tok = load_tokenizer(a.tokenizer or manifest["tokenizer"]["source"], storage_options=so)
         if tok.fingerprint != manifest["tokenizer"]["fingerprint"]:

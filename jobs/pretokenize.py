@@ -10,6 +10,7 @@ from ray.exceptions import RayError
 from jobs.args import non_negative_float, non_negative_int, positive_int, storage_options
 from pipeline.distributor import PretokenizeConfig, run_pretokenize
 from pipeline.dryrun import dry_run
+from pipeline.qa import DEFAULT_QA_EVERY, DEFAULT_QA_MIN_PSNR
 from pipeline.sources.webdataset import DEFAULT_MAX_MEMBER_BYTES
 from tokenizer.sources import SOURCE_HELP
 from tokenizer.transform import VIEWS
@@ -124,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after N actor start failures in a row (default: 3)")
     p.add_argument("--max-member-bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES, metavar="BYTES",
                    help=f"skip (with a reason) tar members larger than this (default: {DEFAULT_MAX_MEMBER_BYTES})")
+    p.add_argument("--qa-every", type=int, default=DEFAULT_QA_EVERY, metavar="K",
+                   help="quality check: decode the tokens of every K-th image of each shard (its first view; "
+                   "a shard's first image always) and record the PSNR against the input in the shard's stats; "
+                   f"0 = off. Changes no token (default: {DEFAULT_QA_EVERY})")
+    p.add_argument("--qa-min-psnr", type=float, default=DEFAULT_QA_MIN_PSNR, metavar="DB",
+                   help="warn loudly when the mean QA PSNR is below this, naming the likely causes "
+                   f"(default: {DEFAULT_QA_MIN_PSNR:g}; unrelated pixels score 8-13 dB, see pipeline.qa)")
+    p.add_argument("--no-report", action="store_true", help="do not draw the run report (OUTPUT/report/*.png)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -142,6 +151,7 @@ def config_from_args(args: argparse.Namespace) -> PretokenizeConfig:
         max_member_bytes=args.max_member_bytes, progress=not args.no_progress,
         token_count_mse=args.token_count_mse, token_count_steps=args.token_count_steps,
         token_count_guidance=args.token_count_guidance, token_count_seed=args.token_count_seed,
+        qa_every=args.qa_every, qa_min_psnr=args.qa_min_psnr, report=not args.no_report,
     )
 
 

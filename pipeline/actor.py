@@ -35,7 +35,7 @@ class DeviceError(RuntimeError):
 
 
 class EncoderWorker:
-    """Holds an encoder-only tokenizer (with its decoder when the job computes token counts);
+    """Holds an encoder-only tokenizer (with its decoder when the job computes token counts or QA);
     ``run`` processes one shard at a time.
 
     Runs as a threaded Ray actor (``max_concurrency`` = shards in flight + 1) so the driver can
@@ -70,7 +70,7 @@ class EncoderWorker:
             )
         device = "cuda" if gpu_ids and cuda else "cpu"
         torch.set_num_threads(max(1, torch_threads))
-        parts = "encoder" if self.job.token_counts is None else "all"
+        parts = "encoder" if self.job.token_counts is None and self.job.qa_every <= 0 else "all"  # QA decodes
         self.tok = load_tokenizer(tokenizer, device=device, parts=parts, storage_options=self.job.storage_options)
         if self.tok.fingerprint != expected_fingerprint:
             raise RuntimeError(
@@ -91,6 +91,7 @@ class EncoderWorker:
             device_type = "cpu (simulated GPU)" if gpu_ids else "cpu"
         self.identity = {
             "node_id": _node_id(),
+            "actor_id": _actor_id(),
             "gpu_ids": gpu_ids,
             "device": device,
             "device_type": device_type,
@@ -133,6 +134,10 @@ class EncoderWorker:
 
 def _node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
+
+def _actor_id() -> str:
+    return (ray.get_runtime_context().get_actor_id() or "") if ray.is_initialized() else ""
 
 
 EncoderActor = ray.remote(EncoderWorker)

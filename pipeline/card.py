@@ -1,22 +1,25 @@
 """The dataset card (``OUT/README.md``) that makes ``datasets.load_dataset(OUT)`` work."""
 from __future__ import annotations
 
-from .layout import OutputLayout
+from .layout import OutputLayout, filesystem
 from .ledger import Ledger, ShardStats
 from .manifest import run_fingerprint
+from .qa import QASummary
 from .writer import write_text_atomic
 
 
-def render_card(manifest: dict, counts: dict[str, dict]) -> str:
-    """``counts``: split -> {"shards", "done", "rows", "skipped"} (they also keep ``datasets``'
-    cache from serving an older state of the same folder)."""
+def render_card(manifest: dict, counts: dict[str, dict], reports: dict[str, list[str]] | None = None) -> str:
+    """``counts``: split -> {"shards", "done", "rows", "skipped", "qa" (QASummary)} (they also keep
+    ``datasets``' cache from serving an older state of the same folder); ``reports``: split -> the
+    names of its run report's files under ``report/``."""
     tok = manifest["tokenizer"]
     tr = manifest["transform"]
     splits = sorted(manifest["splits"])
     files = "\n".join(f"  - split: {s}\n    path: data/{s}-*.parquet" for s in splits)
     labels = manifest.get("label_names")
     rows = "\n".join(
-        f"| {s} | {c['done']}/{c['shards']} | {c['rows']} | {c['skipped']} |" for s, c in sorted(counts.items())
+        f"| {s} | {c['done']}/{c['shards']} | {c['rows']} | {c['skipped']} | {_qa_cell(c['qa'])} |"
+        for s, c in sorted(counts.items())
     )
     return f"""---
 configs:
@@ -41,10 +44,12 @@ Pre-tokenized with pretok: every row holds `tokens`
 | splits | {', '.join(splits)} |
 | labels | {f'{len(labels)} classes' if labels else 'none or unnamed'} |
 
-| split | shards done | rows | skipped inputs |
-|---|---|---|---|
+| split | shards done | rows | skipped inputs | QA: PSNR of decoded tokens (dB) |
+|---|---|---|---|---|
 {rows}
 {_kept_section(manifest.get("kept"))}
+{_report_section(reports or {})}
+
 ```python
 from datasets import load_dataset
 ds = load_dataset("path/to/this/folder", split="{splits[0]}")
@@ -84,6 +89,37 @@ Kept source columns (`--keep`; a value of another type is null, counted in `stat
 |---|---|---|
 {body}
 """
+def _qa_cell(qa: QASummary) -> str:
+    if qa.count == 0:
+        return qa.describe()
+    return f"{qa.count} images: mean {qa.mean:.2f}, p5 {qa.p5:.2f}, p50 {qa.p50:.2f}, p95 {qa.p95:.2f}"
+
+
+def _report_section(reports: dict[str, list[str]]) -> str:
+    if not reports:
+        return ""
+    parts = ["\n## Run report\n", "Drawn from the stats and data files (`pretok inspect OUT` redraws it).\n"]
+    for split, names in sorted(reports.items()):
+        parts.append(f"**{split}**: " + ", ".join(f"[{n}](report/{n})" for n in names) + "\n")
+        parts += [f"![{n}](report/{n})" for n in names if n.endswith(("-throughput.png", "-qa-sheet.png"))]
+    return "\n".join(parts)
+
+
+def report_listing(root: str, splits, storage_options: dict | None = None) -> dict[str, list[str]]:
+    """split -> its report files present under ``root/report/`` (one listing)."""
+    fs, _ = filesystem(root, storage_options)
+    folder = root.rstrip("/") + "/report"
+    fs.invalidate_cache(folder)
+    try:
+        present = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)}
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for split, info in splits.items():
+        names = [n for n in OutputLayout(root, split, info["num_shards"]).report_files if n in present]
+        if names:
+            out[split] = names
+    return out
 
 
 def split_counts(
@@ -103,6 +139,7 @@ def split_counts(
             "done": len(done),
             "rows": sum(s.rows_written for s in done),
             "skipped": sum(len(s.skipped) for s in done),
+            "qa": QASummary.of(done),
         }
     return counts
 
@@ -115,4 +152,5 @@ def write_card(
     Hold the manifest lease and pass the manifest as now stored, so splits that concurrent runs
     added stay in the card."""
     counts = split_counts(layout.root, manifest, {layout.split: done}, storage_options)
-    write_text_atomic(layout.card_path, render_card(manifest, counts), storage_options, layout.tmp_dir)
+    reports = report_listing(layout.root, manifest["splits"], storage_options)
+    write_text_atomic(layout.card_path, render_card(manifest, counts, reports), storage_options, layout.tmp_dir)

@@ -32,8 +32,10 @@ from .lease import MANIFEST_WAIT_S, Lease, LeaseBusy, LeaseLost, live_leases, ne
 from .ledger import Ledger, ShardStats, check_commit, redact_url
 from .manifest import TokenizerInfo, build_manifest, prepare_output, read_manifest, run_fingerprint
 from .plan import plan_cluster
+from .qa import DEFAULT_QA_EVERY, DEFAULT_QA_MIN_PSNR, QASummary
 from .pool import ActorSpec, Event, Pool
 from .records import InputShard, SourceListing
+from .report import write_report
 from .schema import TokenSchema
 from .sources import list_source
 from .sources.webdataset import DEFAULT_MAX_MEMBER_BYTES
@@ -86,6 +88,10 @@ class PretokenizeConfig:
     lease_wait_s: float = 0.0           # how long to wait for another run of this split
     lease_ttl_s: float = 60.0           # a lease without a heartbeat for this long is taken over
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES  # larger tar members are skipped
+    # QA and report. Not run settings: they change the stats and the report, never the tokens.
+    qa_every: int = DEFAULT_QA_EVERY    # decode every K-th written row of a shard back; 0 = off
+    qa_min_psnr: float = DEFAULT_QA_MIN_PSNR  # a lower mean PSNR logs a warning
+    report: bool = True                 # draw OUT/report/ at the end
 
 
 @dataclass
@@ -106,6 +112,9 @@ class RunSummary:
     abort_is_config: bool = False       # ... because of the configuration (exit 2)
     unplaced: list[str] = field(default_factory=list)
     limit: int | None = None            # --limit-shards of this run
+    qa: QASummary | None = None         # over all done shards
+    qa_warning: str | None = None
+    report: str | None = None           # the report folder, when drawn
 
     @property
     def ok(self) -> bool:
@@ -132,6 +141,12 @@ class RunSummary:
         if self.limit is not None and self.limit < self.shards_total:
             lines.append(f"limit    --limit-shards {self.limit}: only the first {self.limit} "
                          f"of {self.shards_total} shards; the same command without it does the rest")
+        if self.qa is not None:
+            lines.append(f"qa       {self.qa.describe()}")
+        if self.report:
+            lines.append(f"report   {self.report} (plots of all done shards; linked from README.md)")
+        if self.qa_warning:
+            lines.append(self.qa_warning)
         if self.shards_missing:
             lines.append(f"missing  {self.shards_missing} named input shards do not exist (listed in pretok.json)")
         if self.unplaced:
@@ -229,6 +244,8 @@ def prepare_run(cfg: PretokenizeConfig) -> PreparedRun:
     resolution = cfg.resolution or tok.image_size
     if resolution != tok.image_size:
         raise ValueError(f"--resolution {resolution} does not match the tokenizer's image size {tok.image_size}")
+    if cfg.qa_every < 0:
+        raise ValueError(f"--qa-every must be >= 0 (0 = off), not {cfg.qa_every}")
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, not {cfg.precision!r}")
     token_counts = _token_count_settings(cfg, tok)
@@ -270,19 +287,29 @@ def run_pretokenize(cfg: PretokenizeConfig) -> RunSummary:
         if pending:
             job = ShardJob(layout, _schema(tok, transform, listing, token_counts), manifest, fp, transform,
                            cfg.batch_size, cfg.precision, 1, so, token_counts, run_id, cfg.max_member_bytes,
-                           cfg.fast_decode)
+                           cfg.fast_decode, qa_every=cfg.qa_every)
             outcome = _encode(pending, cfg, ckpt, tok, job, lease)
             done.update(outcome.done)
             summary.shards_written, summary.shards_failed = len(outcome.done), outcome.failed
             summary.aborted, summary.abort_is_config = outcome.abort, outcome.abort_is_config
             summary.unplaced = outcome.unplaced
         if lease.lost is None:
+            if cfg.report and done:
+                try:
+                    write_report(layout, manifest, done, so, cfg.qa_min_psnr)
+                    summary.report = redact_url(layout.report_dir) + "/"
+                except Exception as e:  # noqa: BLE001 - the shards are committed; the report is a view of them
+                    log.warning("the run report could not be drawn (rerun `pretok inspect OUT`): %s", describe(e))
             with _manifest_lease(layout, run_id, cfg):
                 write_card(layout, read_manifest(layout, so) or manifest, done, so)
     for s in done.values():
         summary.rows_in += s.rows_in
         summary.rows_written += s.rows_written
         summary.rows_skipped += len(s.skipped)
+    summary.qa = QASummary.of(done.values())
+    summary.qa_warning = summary.qa.warning(cfg.qa_min_psnr)
+    if summary.qa_warning:
+        log.warning("\n%s\n%s\n%s", "!" * 100, summary.qa_warning, "!" * 100)
     summary.seconds = time.time() - start
     return summary
 

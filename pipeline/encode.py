@@ -28,6 +28,7 @@ from .decode import decode_record
 from .feed import FeedContext, feed_shard
 from .layout import OutputLayout
 from .ledger import ShardStats, redact_url
+from .qa import DEFAULT_QA_EVERY, ShardQA
 from .records import DecodedImage, InputShard, Record, SkippedRecord
 from .schema import TokenSchema
 from .sources import iter_records
@@ -53,6 +54,7 @@ class ShardJob:
     run_id: str = ""
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
     fast_decode: bool = False           # JPEG DCT-domain downscaling (pipeline.decode)
+    qa_every: int = DEFAULT_QA_EVERY   # decode every K-th written row back (pipeline.qa); 0 = off
 
 
 def _batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
@@ -97,8 +99,10 @@ def encode_shard(
     rows_in = 0
     kept = KeptValues(job.schema.kept, job.schema.kept_types())
     columns = [f.source for f in job.schema.kept if f.json_type is None]
+    qa = ShardQA(tok, job.qa_every, job.precision)  # QA (pipeline.qa)
 
     def finish_batch(good: list[DecodedImage], tokens: np.ndarray) -> list[DecodedImage]:
+        qa.check(good, tokens)  # QA (pipeline.qa): reads tokens in shard order, never changes them
         good = kept.apply(good)
         if job.token_counts is not None:
             good = with_token_counts(tok, good, tokens, job.token_counts, job.precision)
@@ -132,7 +136,11 @@ def encode_shard(
             run_id=job.run_id,
             batch_size=job.batch_size,
             device_type=(worker or {}).get("device_type", str(tok.device)),
+            started_at=round(start, 3),
+            finished_at=round(time.time(), 3),
+            **qa.fields(),
         )
+        qa.save_thumbnails(job.layout, shard.index, job.storage_options)  # QA: before the stats commit
         return writer.commit(stats)
     except BaseException:
         writer.abort()

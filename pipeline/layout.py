@@ -8,6 +8,7 @@ import fsspec
 
 MANIFEST = "pretok.json"
 CARD = "README.md"
+REPORT_PLOTS = ("throughput", "skips", "codebook", "classes", "qa-psnr", "qa-sheet")  # pipeline.report
 SPLIT_NAME = re.compile(r"^\w+(\.\w+)*$")  # the split names ``datasets`` accepts
 
 
@@ -39,6 +40,19 @@ class OutputLayout:
 
     def stats_path(self, index: int) -> str:
         return self._join("stats", self.shard_name(index) + ".json")
+
+    def qa_path(self, index: int) -> str:
+        """The shard's QA thumbnails (``pipeline.qa``), beside its stats so they share its life cycle."""
+        return self._join("stats", self.shard_name(index) + ".qa.png")
+
+    @property
+    def report_dir(self) -> str:
+        return self._join("report")
+
+    @property
+    def report_files(self) -> list[str]:
+        """Names under ``report/`` of this split's run report, PNGs first."""
+        return [f"{self.split}-{p}.png" for p in REPORT_PLOTS] + [f"{self.split}-report.json"]
 
     @property
     def data_dir(self) -> str:

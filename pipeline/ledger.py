@@ -43,6 +43,14 @@ class ShardStats:
     data_etag: str | None = None                     # object stores: the data object's ETag
     batch_size: int | None = None                    # tokens are byte-identical for equal batch size
     device_type: str = ""                            # and device type ("cpu", "NVIDIA H100 80GB HBM3")
+    started_at: float | None = None                  # unix time the shard's attempt started
+    finished_at: float | None = None                 # ... and was ready to commit
+    qa_every: int = 0                                # QA (pipeline.qa): every K-th written row; 0 = off
+    qa_keys: list[str] = field(default_factory=list)   # keys of the rows checked
+    qa_psnr: list[float] = field(default_factory=list)  # their PSNR in dB, same order
+    qa_unavailable: str | None = None                # why the tokenizer could not decode
+    qa_thumbnails: int = 0                           # pairs in stats/{shard}.qa.png
+    qa_seconds: float = 0.0                          # decode time spent on QA
 
     def __post_init__(self) -> None:
         if self.rows_in != self.rows_written + len(self.skipped):

@@ -47,7 +47,8 @@ def clean_split_staging(layout: OutputLayout, storage_options: dict | None = Non
     fs, _ = filesystem(layout.root, storage_options)
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         tmp, stats = fs._strip_protocol(layout.tmp_dir), fs._strip_protocol(layout.stats_dir)
-        n = _remove([os.path.join(tmp, f) for f in list_names(tmp) if layout.owns(f)])
+        report = tuple(f"{name}." for name in layout.report_files)
+        n = _remove([os.path.join(tmp, f) for f in list_names(tmp) if layout.owns(f) or f.startswith(report)])
         n += _remove([os.path.join(stats, f) for f in list_names(stats) if layout.owns(f) and f.endswith(".tmp")])
     else:
         n = _abort_uploads(fs, layout)

@@ -30,20 +30,25 @@ def _is_local(fs) -> bool:
 
 
 def write_text_atomic(url: str, text: str, storage_options: dict | None = None, staging_dir: str | None = None) -> None:
-    """Replace ``url`` with ``text`` so readers see the old or the new content, never a part.
+    """Replace ``url`` with ``text`` so readers see the old or the new content, never a part."""
+    write_bytes_atomic(url, text.encode(), storage_options, staging_dir)
 
-    Locally the text is staged in ``staging_dir`` (default: beside ``url``; same filesystem)."""
+
+def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = None, staging_dir: str | None = None) -> None:
+    """Replace ``url`` with ``data`` so readers see the old or the new content, never a part.
+
+    Locally the bytes are staged in ``staging_dir`` (default: beside ``url``; same filesystem)."""
     fs, path = filesystem(url, storage_options)
     if _is_local(fs):
         folder = fs._strip_protocol(staging_dir) if staging_dir else os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = os.path.join(folder, f"{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     else:
-        fs.pipe_file(path, text.encode())
+        fs.pipe_file(path, data)
 
 
 class ShardWriter:

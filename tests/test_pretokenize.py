@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
+import s3fs
 from datasets import ClassLabel, List, Value, load_dataset
 
 from jobs.pretokenize import main as pretokenize_main
@@ -118,6 +119,10 @@ def test_s3_in_and_out(cluster, tok_dir, s3, tmp_path):
     ds = load_dataset("parquet", data_files=f"{out}/data/train-*.parquet", storage_options=s3.storage_options,
                       split="train", cache_dir=str(tmp_path / "hf"))
     assert isinstance(ds.features["label"], ClassLabel) and ds.num_rows == 10
+    fs = s3fs.S3FileSystem(**s3.storage_options)  # QA thumbnails and the run report go to S3 too
+    assert fs.cat(f"{out}/stats/train-00000-of-00002.qa.png")[:4] == b"\x89PNG"
+    assert fs.cat(f"{out}/report/train-qa-sheet.png")[:4] == b"\x89PNG" and summary.report == f"{out}/report/"
+    assert json.loads(fs.cat(f"{out}/report/train-report.json"))["rows_written"] == 10
     got, want = tokens_by_key(ds), expected_tokens(inp, tok_dir, storage_options=s3.storage_options)
     assert all(np.array_equal(got[k].astype(np.int64), want[k]) for k in want) and got.keys() == want.keys()
     again = run_pretokenize(config(inp, out, tok_dir, storage_options=s3.storage_options))

@@ -141,8 +141,10 @@ def test_member_names_cannot_steer_output_paths(tmp_path):
                        "--cpus-per-actor", "0.5", cwd=work / "cwd")
     assert proc.returncode == 0, proc.stderr
     written = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    report = {f"report/train-{name}" for name in ("throughput.png", "skips.png", "codebook.png", "classes.png",
+                                                   "qa-psnr.png", "qa-sheet.png", "report.json")}
     assert written == {"pretok.json", "README.md", "data/train-00000-of-00001.parquet",
-                       "stats/train-00000-of-00001.json"}
+                       "stats/train-00000-of-00001.json", "stats/train-00000-of-00001.qa.png"} | report
     created_elsewhere = {p for p in tmp_path.rglob("*") if p not in before and out not in p.parents and p != out}
     assert not created_elsewhere, created_elsewhere
     assert not outside.exists()

@@ -34,6 +34,11 @@ class ImageTokenizer(nn.Module):
         raise NotImplementedError
 
     @property
+    def decode_unavailable(self) -> str | None:
+        """Why ``decode_tokens`` cannot run on this instance; None when it can."""
+        return None if self.has_decoder else "this tokenizer was loaded encoder-only (parts='encoder'); it cannot decode"
+
+    @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 

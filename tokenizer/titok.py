@@ -278,18 +278,20 @@ class TiTok(ImageTokenizer):
 
     def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
         """Decoder input [B,C,1,N] -> pixels [B,3,R,R] (unclamped)."""
-        if not self.has_decoder:
-            raise RuntimeError("this tokenizer was loaded encoder-only (parts='encoder'); it cannot decode")
-        if not self.cfg.decodes_pixels:
-            raise RuntimeError(
-                "this is a stage-1 TiTok (is_legacy=true, finetune_decoder=false): its decoder predicts logits over "
-                "MaskGIT-VQGAN proxy codes, not pixels, and decoding them needs the separate MaskGIT-VQGAN; "
-                "its token ids (encode) are exact, use the released two-stage checkpoint to decode"
-            )
+        if (why := self.decode_unavailable) is not None:
+            raise RuntimeError(why)
         x = self.decoder(z)
         if self.cfg.pixel_decoder is not None:
             x = self.pixel_decoder(self.pixel_quantize.mix(x))
         return x
+
+    @property
+    def decode_unavailable(self) -> str | None:
+        if self.has_decoder and not self.cfg.decodes_pixels:
+            return ("this is a stage-1 TiTok (is_legacy=true, finetune_decoder=false): its decoder predicts logits over "
+                    "MaskGIT-VQGAN proxy codes, not pixels, and decoding them needs the separate MaskGIT-VQGAN; "
+                    "its token ids (encode) are exact, use the released two-stage checkpoint to decode")
+        return super().decode_unavailable
 
     def decode_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.reshape(ids.shape[0], -1).long()
