@@ -21,7 +21,7 @@ def read_tokens(files: TokenFiles):
         fs, _ = fsspec.core.url_to_fs(files.root, **(files.storage_options or {}))
         filesystem = PyFileSystem(FSSpecHandler(fs))  # s3fs honours AWS_ENDPOINT_URL, pyarrow's S3 does not
         paths = [fs._strip_protocol(p) for p in paths]
-    return ray.data.read_parquet(paths, filesystem=filesystem, columns=["tokens", "label"])
+    return ray.data.read_parquet(paths, filesystem=filesystem).select_columns(["tokens", "label"])
 
 
 def iterator_factory(job: TrainJob, world: World):

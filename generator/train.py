@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from pipeline.tokens import StreamLoader, TokenFiles, tokens_array
 
 from .checkpoint import FORMAT
-from .masking import global_batch_noise, loss_weights, token_loss_sums
+from .masking import global_batch_noise, token_loss_sums
 from .model import GeneratorConfig, MaskGITTransformer
 from .run import RunDir, TrainState, optimizer_state_dict
 
