@@ -50,10 +50,19 @@ def _worker_loop(config: dict) -> None:
 
     job: TrainJob = config["job"]
     ctx = ray.train.get_context()
-    device = ray.train.torch.get_device() if config["use_gpu"] else None
+    device = None
+    if config["use_gpu"]:
+        import torch
+
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)  # NCCL collectives (all_gather_object) use the current device
     world = World(rank=ctx.get_world_rank(), size=ctx.get_world_size(), device=device,
-                  report=lambda metrics: ray.train.report(metrics))
+                  report=lambda metrics: ray.train.report(metrics), in_ray_train=True)
     fit(job, world)
+
+
+class TrainingFailed(RuntimeError):
+    """Ray Train gave up on the run (its last error attached); CKPT keeps the last commit."""
 
 
 def fit_distributed(
@@ -66,7 +75,7 @@ def fit_distributed(
     placement_timeout_s: float = 120.0,
 ) -> None:
     """Run ``job`` on ``workers`` Ray Train workers (the cluster at RAY_ADDRESS, or a local one)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.distributor import ensure_ray
@@ -95,4 +104,8 @@ def fit_distributed(
         datasets=datasets,
     )
     log.info("Ray Train: %d workers x %s, %s", workers, bundle, "nccl" if use_gpu else "gloo")
-    trainer.fit()
+    try:
+        trainer.fit()
+    except TrainingFailedError as e:
+        raise TrainingFailed(f"Ray Train stopped after {max_failures} restarts; {job.ckpt} keeps its last "
+                             f"commit: {e}") from e

@@ -35,7 +35,8 @@ def token_loss_sums(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weighted cross-entropy sum, correct masked predictions) of a batch. Cross entropy is
     label-smoothed over all positions, masked ones weight 1, the others ``unmasked_weight`` (official
-    TiTok generator: 0.1); the loss is the sum over the global batch divided by its weight sum and the accuracy the correct count divided by the masked count, both summed
+    TiTok generator: 0.1); the loss is the sum over the global batch divided by its weight sum and
+    the accuracy the correct count divided by the masked count, both summed
     over ranks and micro-batches first."""
     ce = F.cross_entropy(logits.float().transpose(1, 2), targets, label_smoothing=label_smoothing, reduction="none")
     weighted = (ce * torch.where(mask, 1.0, unmasked_weight).to(ce.dtype)).sum()

@@ -27,7 +27,7 @@ def read_tokens(files: TokenFiles):
 def iterator_factory(job: TrainJob, world: World):
     """``epoch -> iterable with iter_batches``: this rank's Ray Train dataset shard, or (local run) the
     whole dataset, its block order shuffled per epoch."""
-    if world.report is not None:  # inside Ray Train: the trainer was given datasets={"train": ...}
+    if world.in_ray_train:  # the trainer was given datasets={"train": ...}
         import ray.train
 
         shard = ray.train.get_dataset_shard("train")

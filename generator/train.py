@@ -113,6 +113,7 @@ class World:
     size: int = 1
     device: torch.device | None = None
     report: Callable[[dict], None] | None = None
+    in_ray_train: bool = False
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
@@ -353,6 +354,16 @@ def _val_batches(job: TrainJob, world: World, files: TokenFiles | None, device: 
         if len(out) == cfg.val_batches:
             break
     return out
+
+
+def check_data(job: TrainJob, world_size: int) -> None:
+    """Fail before any worker starts when the data cannot make the job's global batches."""
+    if job.data.loader == "tokens":
+        files, val = job.data.open()
+        cfg = job.train
+        for part in (files, val) if val is not None and cfg.val_every > 0 else (files,):
+            StreamLoader(part, cfg.global_batch(world_size), cfg.data_streams, world_size=world_size,
+                         max_tokens=job.data.max_tokens)
 
 
 def fit(job: TrainJob, world: World | None = None) -> TrainState:

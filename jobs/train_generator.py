@@ -23,7 +23,9 @@ from pathlib import PurePosixPath
 from generator.curves import plot_curves
 from generator.model import GeneratorConfig
 from generator.run import CONFIG, CURVES, RunDir
-from generator.train import LOADERS, DataSpec, TrainConfig, TrainJob, fit, resume_problems, run_config
+from generator.train import (
+    LOADERS, DataSpec, TrainConfig, TrainJob, check_data, fit, resume_problems, run_config,
+)
 from jobs.args import non_negative_float, positive_int, storage_options
 from pipeline.tokens import TokenFiles
 
@@ -32,9 +34,11 @@ MODEL_DEFAULTS = {"width": 256, "depth": 4, "heads": 4, "dropout": 0.1, "class_d
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pretok train-generator", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="pretok output dataset (directory or fsspec URL)")
-    p.add_argument("ckpt", help="run directory (directory or fsspec URL): commits every --save-every steps and at the end")
+    p.add_argument("ckpt", help="run directory (directory or fsspec URL): commits every --save-every steps "
+                   "and at the end")
     p.add_argument("--split", default="train")
     p.add_argument("--steps", type=positive_int, required=True, help="total optimizer steps")
     p.add_argument("--batch-size", type=positive_int, default=64, help="samples per worker and micro-batch")
@@ -46,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end-lr", type=float, default=1e-5)
     p.add_argument("--warmup-steps", type=int, default=None, help="default: min(1000, steps / 10)")
     p.add_argument("--weight-decay", type=float, default=0.03)
-    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay per step (warmed up; `sample` uses the EMA)")
+    p.add_argument("--ema-decay", type=float, default=0.999,
+                   help="EMA decay per step (warmed up; `sample` uses the EMA)")
     p.add_argument("--width", type=positive_int, default=None, help=f"default {MODEL_DEFAULTS['width']}, or CKPT's")
     p.add_argument("--depth", type=positive_int, default=None, help=f"default {MODEL_DEFAULTS['depth']}, or CKPT's")
     p.add_argument("--heads", type=positive_int, default=None, help=f"default {MODEL_DEFAULTS['heads']}, or CKPT's")
@@ -67,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buffer-shards", type=int, default=None, help="shards a stream shuffles together (default: all)")
     p.add_argument("--train-workers", type=positive_int, default=1, help="Ray Train workers (1: this process)")
     p.add_argument("--gpus-per-worker", type=non_negative_float, default=0.0, help="GPUs per Ray Train worker")
-    p.add_argument("--cpus-per-worker", type=non_negative_float, default=0.5, help="CPUs each Ray Train worker asks for")
+    p.add_argument("--cpus-per-worker", type=non_negative_float, default=0.5,
+                   help="CPUs each Ray Train worker asks for")
     p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts from the last commit")
     p.add_argument("--placement-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="fail when Ray cannot place the workers within this time")
@@ -100,7 +106,8 @@ def model_config(args: argparse.Namespace, files: TokenFiles, num_tokens: int, s
                                heads=shape["heads"], dropout=shape["dropout"], attn_dropout=shape["dropout"],
                                class_dropout=shape["class_dropout"])
     cfg = GeneratorConfig(**saved["generator"])
-    differ = [f"--{k.replace('_', '-')} {v} (CKPT: {getattr(cfg, k)})" for k, v in given.items() if getattr(cfg, k) != v]
+    differ = [f"--{k.replace('_', '-')} {v} (CKPT: {getattr(cfg, k)})"
+              for k, v in given.items() if getattr(cfg, k) != v]
     if differ:
         raise ValueError(f"{args.ckpt} holds another model config: {', '.join(differ)}")
     if (cfg.codebook_size, cfg.num_tokens) != (files.codebook_size, num_tokens):
@@ -142,6 +149,7 @@ def build_job(args: argparse.Namespace) -> tuple[TrainJob, RunDir, dict | None]:
         problems = resume_problems(saved, run_config(job, args.train_workers))
         if problems:
             raise ValueError(f"{args.ckpt} is another run than this one: " + "; ".join(problems))
+    check_data(job, args.train_workers)
     return job, run, latest
 
 

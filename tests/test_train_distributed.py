@@ -146,8 +146,12 @@ def test_ema_differs_from_raw_and_is_what_sample_loads(two_workers, monkeypatch,
 
     sampled = []
     monkeypatch.setattr(sample_job, "load_tokenizer", lambda *a, **k: _Tok())
-    monkeypatch.setattr(sample_job, "sample_tokens", lambda model, classes, per_class, cfg, seed, batch:
-                        sampled.append(model.state_dict()) or torch.zeros(len(classes) * per_class, 8, dtype=torch.long))
+
+    def sample_tokens(model, classes, per_class, cfg, seed, batch):
+        sampled.append(model.state_dict())
+        return torch.zeros(len(classes) * per_class, 8, dtype=torch.long)
+
+    monkeypatch.setattr(sample_job, "sample_tokens", sample_tokens)
     for flags in ([], ["--raw-weights"]):
         assert sample_job.main([str(ckpt), "--tokenizer", "unused", "--out", str(tmp_path / "g.png"), *flags]) == 0
     for state, expected in zip(sampled, (ema, raw)):
@@ -217,3 +221,10 @@ def test_ray_data_keeps_uint16_tokens_and_labels_and_feeds_the_trainer(local_ray
                                  "--loader", "ray-data"]) == 0
     got = records(ckpt)
     assert [r["step"] for r in got] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in got)
+
+
+def test_worker_count_that_cannot_share_the_data_streams_is_refused_before_launch(tokens, tmp_path, capsys):
+    # global batch 3 x 16 = 48: default streams gcd(64, 48) = 16, which 3 workers cannot share
+    assert train_generator.main([tokens, str(tmp_path / "ckpt"), "--steps", "1", *TINY, "--batch-size", "16",
+                                 "--train-workers", "3"]) == 2
+    assert "3 ranks cannot share 16 data streams" in capsys.readouterr().err
