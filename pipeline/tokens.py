@@ -1,18 +1,20 @@
-"""Reading pretokenized datasets: ``load_tokens`` (a ``datasets.Dataset``) and ``TokenLoader``.
+"""Reading pretokenized datasets: ``load_tokens`` (a ``datasets.Dataset``), ``TokenLoader`` and
+``StreamLoader``.
 
-``TokenLoader`` is the training path: it reads the Parquet shards with pyarrow (no per-row access),
-keeps one randomly chosen view per row as a compact uint16 array, and yields shuffled int64 batches.
+Both loaders read the Parquet shards with pyarrow (no per-row access), keep one randomly chosen view
+per row as a compact uint16 array, and yield shuffled int64 batches.
 
 Work split, per epoch: the shard list is shuffled with ``(seed, epoch)`` (same order on every rank),
 rank ``r`` takes shards ``r::world_size`` and DataLoader worker ``w`` of ``W`` takes ``w::W`` of
 those. Every row is therefore yielded exactly once per epoch across ranks x workers. When shards do
 not divide evenly (or differ in size) ranks get different row counts for that epoch; a step-based
-loop that starts the next epoch when one ends (``generator.train`` does) handles this, an
-epoch-synchronous DDP loop would need to cap its steps. Use at least ``world_size x num_workers``
-shards, otherwise some workers idle; a rank with no shard at all is an error.
+loop that starts the next epoch when one ends handles this, an epoch-synchronous DDP loop would need
+to cap its steps. Use at least ``world_size x num_workers`` shards, otherwise some workers idle; a
+rank with no shard at all is an error.
 
-``StreamLoader`` is the trainer's loader: its order is defined over ``S`` logical streams and global
-batches, so the rows of global batch k are the same for every world size dividing ``S``.
+``StreamLoader`` is the generator trainer's loader: its order is defined over ``S`` logical streams
+and global batches, so the rows of global batch k are the same for every world size dividing ``S``,
+and every rank has the same number of steps per epoch.
 """
 from __future__ import annotations
 
