@@ -2,9 +2,9 @@
 
     python -m jobs.sample CKPT --tokenizer SRC --out grid.png [--classes 1,2,3] [--per-class 4]
 
-CKPT is a pretok generator checkpoint or an official TiTok generator folder as published, SRC the
-tokenizer whose tokens the generator was trained on; both may be a hub repo id (org/name[@revision]),
-an hf:// URL, a local folder or an fsspec URL, e.g.
+CKPT is a pretok run directory (its latest commit, EMA weights unless --raw-weights) or an official
+TiTok generator folder as published, SRC the tokenizer whose tokens the generator was trained on;
+both may be a hub repo id (org/name[@revision]), an hf:// URL, a local folder or an fsspec URL, e.g.
 
     python -m jobs.sample yucornetto/generator_titok_l32_imagenet \
         --tokenizer yucornetto/tokenizer_titok_l32_imagenet --out grid.png
@@ -32,7 +32,7 @@ from tokenizer.sources import SOURCE_HELP
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pretok sample", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("ckpt", help="generator: a pretok checkpoint or an official generator folder, as a hub repo id "
+    p.add_argument("ckpt", help="generator: a pretok run directory or an official generator folder, as a hub repo id "
                    "org/name[@revision], hf:// URL, local folder or fsspec URL")
     p.add_argument("--tokenizer", required=True, help=f"the tokenizer: {SOURCE_HELP}")
     p.add_argument("--out", required=True, help="PNG file to write")
@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None, help="randomisation temperature (annealed)")
     p.add_argument("--softmax-annealing", action=argparse.BooleanOptionalAction, default=None,
                    help="anneal the softmax temperature (default: on for official configs, else off)")
+    p.add_argument("--raw-weights", action="store_true",
+                   help="sample the raw weights of a pretok run, not its EMA (the default when it has one)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -104,7 +106,7 @@ def sample_tokens(model, classes: list[int], per_class: int, cfg: SamplerConfig,
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        model, config = load_generator(args.ckpt, args.device)
+        model, config = load_generator(args.ckpt, args.device, weights="raw" if args.raw_weights else "ema")
         tokenizer = load_tokenizer(args.tokenizer, device=args.device)
     except (ValueError, OSError, RuntimeError) as e:  # bad source or checkpoint (CheckpointError is a ValueError)
         print(f"pretok sample: error: {e}", file=sys.stderr)

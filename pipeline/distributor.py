@@ -157,7 +157,7 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def _ensure_ray() -> bool:
+def ensure_ray() -> bool:
     """Connect to RAY_ADDRESS or start a local cluster; True when this call started it."""
     if ray.is_initialized():
         return False
@@ -324,7 +324,7 @@ def _schema(tok: TokenizerInfo, transform: ImageTransform, listing: SourceListin
 def _encode(pending: list[InputShard], cfg: PretokenizeConfig, ckpt: Checkpoint, tok: TokenizerInfo,
             job: ShardJob, lease: Lease) -> "_Outcome":
     """Size the actors, start the pool and distribute ``pending`` (on RAY_ADDRESS or a local cluster)."""
-    started = _ensure_ray()
+    started = ensure_ray()
     try:
         plan = plan_cluster(cfg.actors, cfg.gpus_per_actor, cfg.cpus_per_actor, cfg.decode_workers)
         threads = max(1, int(plan.cpus_per_actor))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import ray
 
-from .distributor import PretokenizeConfig, PreparedRun, _ensure_ray, prepare_run
+from .distributor import PretokenizeConfig, PreparedRun, ensure_ray, prepare_run
 from .estimate import Estimate, EstimateError, project, sample_on_cluster
 from .lease import live_leases
 from .ledger import Ledger, redact_url
@@ -102,7 +102,7 @@ def dry_run(cfg: PretokenizeConfig, estimate_images: int | None = None) -> DryRu
     now = time.time()
     busy = tuple(i.describe(now) for i in live_leases(prepared.layout.root, so) if i.name == f"split-{cfg.split}")
     sizes = [s.size for s in listing.shards]
-    started = _ensure_ray()
+    started = ensure_ray()
     try:
         plan = plan_actors(cluster_nodes(), cfg.actors, cfg.gpus_per_actor, cfg.cpus_per_actor, cfg.decode_workers)
         warnings = plan_warnings(plan, cfg.gpus_per_actor)

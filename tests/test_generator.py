@@ -10,26 +10,27 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from generator import (
+    DataSpec,
     GeneratorConfig,
     MaskGITTransformer,
+    RunDir,
     SamplerConfig,
     TrainConfig,
+    TrainJob,
     TrainState,
     fit,
     generate,
     guidance_weight,
-    load_checkpoint,
     load_generator,
-    save_checkpoint,
 )
 from generator.checkpoint import sampler_defaults
-from generator.masking import arccos_mask_ratio, masked_token_loss, random_masking
+from generator.masking import arccos_mask_ratio, global_batch_noise, token_loss_sums
+from generator.run import optimizer_state_dict
 from generator.sample import _gumbel
-from generator.train import build_optimizer, lr_at, train_step
-from pipeline.tokens import TokenFiles, TokenLoader
+from generator.train import World, build_optimizer, lr_at, train_step
 from tests.test_tokens import write_token_dataset
 from tests.titok_fixtures import write_titok_checkpoint
 
@@ -120,13 +121,20 @@ def test_arccos_masking():
     assert float(arccos_mask_ratio(0.0)) == pytest.approx(1.0)
     assert float(arccos_mask_ratio(1.0)) == pytest.approx(0.0)
     assert float(arccos_mask_ratio(0.5)) == pytest.approx(2 / 3)  # acos(1/2) = pi/3
-    torch.manual_seed(0)
-    tokens = torch.randint(0, 100, (4000, 64))
-    masked, mask = random_masking(tokens, mask_id=100)
+    mask, drop, masked = global_batch_noise(7, 4000, 64, slice(None), class_dropout=0.1)
     counts = mask.sum(1)
-    assert counts.min() >= 1 and counts.max() <= 64
-    assert (masked[mask] == 100).all() and torch.equal(masked[~mask], tokens[~mask])
+    assert counts.min() >= 1 and counts.max() <= 64 and masked == counts.sum().item()
     assert counts.float().mean().item() / 64 == pytest.approx(2 / math.pi, abs=0.01)  # E[acos(U)]/(pi/2)
+    assert drop.float().mean().item() == pytest.approx(0.1, abs=0.015)
+
+
+def test_global_batch_noise_depends_on_the_row_only():
+    """A rank holding rows [a, b) of the global batch draws exactly those rows' masks and drops."""
+    full_mask, full_drop, total = global_batch_noise(3, 12, 8, slice(None), 0.5)
+    for rows in (slice(0, 6), slice(6, 12), slice(3, 6)):
+        mask, drop, masked = global_batch_noise(3, 12, 8, rows, 0.5)
+        assert torch.equal(mask, full_mask[rows]) and torch.equal(drop, full_drop[rows]) and masked == total
+    assert not torch.equal(global_batch_noise(4, 12, 8, slice(None), 0.5)[0], full_mask)
 
 
 def test_masked_token_loss_weights_and_smoothing():
@@ -134,13 +142,12 @@ def test_masked_token_loss_weights_and_smoothing():
     logits = torch.randn(2, 5, 7)
     targets = torch.randint(0, 7, (2, 5))
     mask = torch.tensor([[True, False, True, False, False], [True, True, True, True, False]])
-    loss, acc = masked_token_loss(logits, targets, mask, label_smoothing=0.2, unmasked_weight=0.3)
+    weighted, correct = token_loss_sums(logits, targets, mask, label_smoothing=0.2, unmasked_weight=0.3)
     logp = logits.log_softmax(-1)
     ce = -(0.8 * logp.gather(-1, targets[..., None])[..., 0] + 0.2 * logp.mean(-1))
     w = mask.float() * 0.7 + 0.3
-    assert loss.item() == pytest.approx((ce * w).sum().item() / w.sum().item(), rel=1e-5)
-    hits = (logits.argmax(-1) == targets) & mask
-    assert acc.item() == pytest.approx(hits.sum().item() / mask.sum().item())
+    assert weighted.item() == pytest.approx((ce * w).sum().item(), rel=1e-5)
+    assert correct.item() == ((logits.argmax(-1) == targets) & mask).sum().item()
 
 
 def test_lr_schedule():
@@ -177,73 +184,71 @@ def patterned(tmp_path):
     return data, patterns
 
 
+def tiny_job(out: str, ckpt, model: GeneratorConfig, **train) -> TrainJob:
+    return TrainJob(model=model, train=TrainConfig(**train), data=DataSpec(out), ckpt=str(ckpt),
+                    metadata={"tokenizer": {"fingerprint": "f" * 64}}, progress=False)
+
+
+def logged(ckpt) -> dict[int, dict]:
+    return {r["step"]: r for r in RunDir(str(ckpt)).metrics(upto=10**9)}
+
+
 def test_generator_learns_small_token_set(patterned, tmp_path):
     data, patterns = patterned
-    torch.manual_seed(0)
-    model = MaskGITTransformer(GeneratorConfig(16, 8, 4, width=64, depth=2, heads=2, dropout=0.0, attn_dropout=0.0))
-    loader = TokenLoader(TokenFiles.open(data.out), batch_size=32, drop_last=True)
-    losses = []
-    cfg = TrainConfig(steps=120, lr=3e-3, warmup_steps=10, save_every=1000, label_smoothing=0.0)
-    fit(model, loader, cfg, str(tmp_path / "ckpt"), log=lambda step, m: losses.append(m["loss"]), progress=False)
-    assert np.mean(losses[-10:]) < 0.25 * np.mean(losses[:5])
+    model_cfg = GeneratorConfig(16, 8, 4, width=64, depth=2, heads=2, dropout=0.0, attn_dropout=0.0)
+    job = tiny_job(data.out, tmp_path / "ckpt", model_cfg, steps=120, batch_size=32, data_streams=8, lr=3e-3,
+                   warmup_steps=10, save_every=1000, label_smoothing=0.0, ema_decay=0.9)
+    fit(job)
+    losses = [r["loss"] for r in logged(tmp_path / "ckpt").values()]
+    assert len(losses) == 120 and np.mean(losses[-10:]) < 0.25 * np.mean(losses[:5])
+    model, _ = load_generator(str(tmp_path / "ckpt"))  # the EMA weights
     labels = torch.arange(4).repeat_interleave(4)
     ids = generate(model, labels, SamplerConfig(num_steps=4, guidance_scale=1.0, temperature=1.0))
     accuracy = (ids.numpy() == patterns[labels.numpy()]).mean()
     assert accuracy > 0.9
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_matches_uninterrupted_training(patterned, tmp_path, num_workers):
+def test_resume_matches_uninterrupted_training(patterned, tmp_path):
+    """Resumed from the step-3 commit, also with DataLoader worker processes instead of none: the
+    same losses and bit-identical weights, EMA and optimizer state."""
     data, _ = patterned
-    files = TokenFiles.open(data.out)
-    cfg = TrainConfig(steps=7, lr=1e-3, warmup_steps=2, save_every=3, num_workers=num_workers)
-    make = lambda: MaskGITTransformer(GeneratorConfig(16, 8, 4, width=32, depth=2, heads=2))  # noqa: E731
-
-    torch.manual_seed(0)
-    full, snapshot = {}, tmp_path / "at-step-3"
-
-    def log(step, m):
-        full[step] = m["loss"]
-        if step == 4:  # the checkpoint on disk is the one saved after step 3
-            shutil.copytree(tmp_path / "full", snapshot)
-
-    model = make()
-    fit(model, TokenLoader(files, 48, seed=1, drop_last=True), cfg, str(tmp_path / "full"), log=log, progress=False)
-    assert json.loads((snapshot / "state.json").read_text())["step"] == 3
-
-    torch.manual_seed(123)  # a different initialisation: everything must come from the checkpoint
-    resumed_model, resumed = make(), {}
-    state = fit(resumed_model, TokenLoader(files, 48, seed=1, drop_last=True), cfg, str(snapshot), resume=True,
-                log=lambda step, m: resumed.__setitem__(step, m["loss"]), progress=False)
-    assert sorted(resumed) == [4, 5, 6, 7] and state.step == 7 and state.epoch >= 2  # 2 batches per epoch
-    assert [resumed[s] for s in resumed] == [full[s] for s in resumed]
-    for a, b in zip(model.parameters(), resumed_model.parameters()):
-        assert torch.equal(a, b)
+    model_cfg = GeneratorConfig(16, 8, 4, width=32, depth=2, heads=2)  # dropout on: it is seeded per step
+    train = dict(steps=7, batch_size=48, data_streams=4, lr=1e-3, warmup_steps=2, save_every=3, keep_checkpoints=5)
+    full = tmp_path / "full"
+    fit(tiny_job(data.out, full, model_cfg, **train))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    (resumed / "latest.json").write_text(json.dumps({"step": 3, "dir": "step-00000003"}))
+    state = fit(tiny_job(data.out, resumed, model_cfg, **train, num_workers=2))
+    assert state == TrainState(step=7, epoch=3, batch=1, samples=7 * 48)  # 128 rows: 2 global batches an epoch
+    a, b = logged(full), logged(resumed)
+    assert sorted(b) == list(range(1, 8)) and [b[s]["loss"] for s in b] == [a[s]["loss"] for s in b]
+    for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
+        x, y = (load_file(str(p / "step-00000007" / name)) for p in (full, resumed))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
 
 
-def test_checkpoint_roundtrip(tmp_path):
+def test_run_directory_commits(tmp_path):
     torch.manual_seed(0)
     model = MaskGITTransformer(TINY)
-    opt = build_optimizer(model, TrainConfig(steps=5))
+    cfg = TrainConfig(steps=5, batch_size=4)
+    opt = build_optimizer(model, cfg)
     tokens, labels = torch.randint(0, 16, (4, 8)), torch.tensor([0, 1, 2, 3])
-    for step in range(2):
-        train_step(model, opt, tokens, labels, step, TrainConfig(steps=5))
-    save_checkpoint(tmp_path / "c", model, opt, TrainState(step=2, epoch=1, batch=3), {"data": {"x": 1}})
-    save_checkpoint(tmp_path / "c", model, opt, TrainState(step=2, epoch=1, batch=3), {"data": {"x": 1}})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # replaced, no leftovers
-
-    other = MaskGITTransformer(TINY)
-    other_opt = build_optimizer(other, TrainConfig(steps=5))
-    assert load_checkpoint(tmp_path / "c", other, other_opt) == TrainState(2, 1, 3)
-    for a, b in zip(model.state_dict().values(), other.state_dict().values()):
-        assert torch.equal(a, b)
-    sa, sb = opt.state_dict(), other_opt.state_dict()
+    run = RunDir(str(tmp_path / "run"))
+    assert run.latest() is None
+    for step in range(3):
+        train_step(model, opt, tokens, labels, step, cfg, World())
+        run.commit(TrainState(step + 1, 0, step + 1, 4 * (step + 1)), {"format": "pretok-generator"},
+                   model.state_dict(), model.state_dict(), opt, [{"step": s + 1} for s in range(step + 1)], keep=2)
+    assert run.latest() == {"step": 3, "dir": "step-00000003"}
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "latest.json", "metrics.jsonl", "step-00000002", "step-00000003"]  # pruned, no temporary files
+    assert [r["step"] for r in run.metrics(upto=2)] == [1, 2]
+    other = build_optimizer(MaskGITTransformer(TINY), cfg)
+    other.load_state_dict(optimizer_state_dict(run.read_bytes("step-00000003", "optimizer.safetensors"), "x"))
+    sa, sb = opt.state_dict(), other.state_dict()
     assert sa["param_groups"] == sb["param_groups"]
-    for i in sa["state"]:
-        for k in sa["state"][i]:
-            assert torch.equal(sa["state"][i][k], sb["state"][i][k])
-    with pytest.raises(ValueError, match="holds"):
-        load_checkpoint(tmp_path / "c", MaskGITTransformer(GeneratorConfig(16, 8, 4, width=64, depth=1, heads=2)))
+    assert all(torch.equal(sa["state"][i][k], sb["state"][i][k]) for i in sa["state"] for k in sa["state"][i])
 
 
 # ---------------------------------------------------------------------------------- sampling
@@ -333,9 +338,9 @@ def test_jobs_train_then_sample(tmp_path, capsys):
     args = [data.out, str(ckpt), "--steps", "3", "--batch-size", "8", "--width", "32", "--depth", "1",
             "--heads", "2", "--workers", "0", "--no-progress", "--device", "cpu"]
     assert train_generator.main(args) == 0
-    assert json.loads((ckpt / "state.json").read_text())["step"] == 3
+    assert json.loads((ckpt / "latest.json").read_text())["step"] == 3
     assert train_generator.main([*args[:3], "5", *args[4:], "--resume"]) == 0
-    assert json.loads((ckpt / "state.json").read_text())["step"] == 5
+    assert json.loads((ckpt / "latest.json").read_text())["step"] == 5
 
     png = tmp_path / "grid.png"
     assert sample_job.main([str(ckpt), "--tokenizer", str(tok_dir), "--out", str(png), "--classes", "dog,0",

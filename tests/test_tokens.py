@@ -14,7 +14,7 @@ import torch
 from datasets import ClassLabel, Features, List, Value
 from torch.utils.data import DataLoader
 
-from pipeline.tokens import TokenFiles, TokenLoader, load_tokens
+from pipeline.tokens import StreamLoader, TokenFiles, TokenLoader, load_tokens
 
 LABELS = ("cat", "dog", "eel")
 
@@ -285,3 +285,55 @@ def test_loader_argument_checks(data, tmp_path):
         TokenLoader(files, 4, rank=2, world_size=2)
     with pytest.raises(ValueError, match="batch_size"):
         TokenLoader(files, 0)
+
+
+# ---------------------------------------------------------------------------------- StreamLoader
+
+
+def global_batches(data: TokenData, world: int, num_workers: int = 0, epoch: int = 0, skip: int = 0, **kw):
+    """Row ids of each global batch of an epoch, joined over ``world`` ranks (rank order)."""
+    files = TokenFiles.open(data.out)
+    per_rank = []
+    for rank in range(world):
+        loader = StreamLoader(files, 12, 6, seed=5, rank=rank, world_size=world, **kw)
+        loader.set_epoch(epoch, skip)
+        items = list(DataLoader(loader, batch_size=None, num_workers=num_workers)) if num_workers else list(loader)
+        parts = max(1, num_workers)  # a DataLoader yields each step's parts one per worker, in worker order
+        per_rank.append([np.concatenate([t[:, 0].numpy() for t, _ in items[i : i + parts]])
+                         for i in range(0, len(items), parts)])
+        assert all(len(b) == 12 // world for b in per_rank[-1])
+    return [np.concatenate(step) for step in zip(*per_rank)]
+
+
+def test_stream_loader_global_batches_do_not_depend_on_world_size(data):
+    one = global_batches(data, 1)
+    assert len(one) == 6  # 81 rows // 6 streams = 13 rows a stream, 2 per step: 6 steps
+    rows = np.concatenate(one)
+    assert len(set(rows.tolist())) == len(rows) == 72  # no row twice in an epoch
+    def same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+        return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+    for world, workers in ((2, 0), (3, 0), (6, 0), (2, 2), (1, 2)):
+        assert same(global_batches(data, world, workers), one), (world, workers)
+    assert same(global_batches(data, 2, skip=4), one[4:])  # a resume's partial epoch
+    assert not same(global_batches(data, 1, epoch=1), one)  # reshuffled per epoch
+
+
+def test_stream_loader_labels_views_and_buffers(data):
+    files = TokenFiles.open(data.out)
+    loader = StreamLoader(files, 12, 6, seed=0, buffer_shards=1)
+    for tokens, labels in loader:
+        assert tokens.dtype == torch.int64 and tokens.shape == (12, 8)
+        rows = tokens[:, 0].numpy()
+        np.testing.assert_array_equal(labels.numpy(), data.labels[rows])
+        assert set(tokens[:, 1].tolist()) <= {0, 1}  # one of the two views
+
+
+def test_stream_loader_argument_checks(data):
+    files = TokenFiles.open(data.out)
+    with pytest.raises(ValueError, match="multiple of the data streams"):
+        StreamLoader(files, 10, 4)
+    with pytest.raises(ValueError, match="cannot share 6 data streams"):
+        StreamLoader(files, 12, 6, rank=0, world_size=4)
+    with pytest.raises(ValueError, match="make no global batch"):
+        StreamLoader(files, 96, 6)
