@@ -212,7 +212,8 @@ class OutputWatcher:
             return []
 
     def check_once(self) -> None:
-        stats_paths = self._list("stats")  # listed first: a stats file's data file must be in the next listing
+        # listed first: a stats file's data file must be in the next listing (QA thumbnails are not stats)
+        stats_paths = [p for p in self._list("stats") if p.endswith(".json")]
         data_paths = self._list("data")
         data_names = {p.rsplit("/", 1)[-1] for p in data_paths}
         for path in data_paths:
