@@ -132,10 +132,12 @@ class TrainSpec:
 
 def train_tokenizer(
     images: torch.Tensor, held: torch.Tensor, out: str, spec: TrainSpec, progress: bool = True,
-    save_every: int = 0, extra: dict | None = None,
+    save_every: int = 0, extra: dict | None = None, stop_after: int = 0,
 ) -> dict:
     """Train on uint8 images [M,3,R,R], evaluate on ``held``, save; returns the summary (also in
-    ``train_summary.json``). ``save_every`` > 0 also saves (and evaluates) along the way."""
+    ``train_summary.json``). ``save_every`` > 0 also saves (and evaluates) along the way;
+    ``stop_after`` > 0 ends there (the schedule still spans ``spec.steps``), saved as at a
+    ``save_every`` point, so a run stopped early by hand is reproduced exactly."""
     torch.manual_seed(spec.seed)
     images, held = images.float() / 255, held.float() / 255
     config = small_titok_config(spec.image_size, spec.patch, spec.tokens, spec.codebook, spec.width, spec.depth)
@@ -175,6 +177,9 @@ def train_tokenizer(
         sched.step()
         if step % 20 == 0 or step == spec.steps - 1:
             bar.set_postfix(psnr=f"{10 * math.log10(1 / max(recon.item(), 1e-10)):.1f}", codes=int(ids.unique().numel()))
+        if stop_after and step == stop_after:
+            tok.eval()
+            return summary(step)
         if save_every and step and step % save_every == 0:
             print(json.dumps(summary(step)), flush=True)
     tok.eval()
@@ -207,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=4096, help="images read from DATA")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--save-every", type=int, default=0, help="also save + evaluate every N steps (0: at the end)")
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="stop at this step, saved as at a --save-every point (the LR schedule still spans --steps)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); "
                    "1 is much faster than 2 on a machine other jobs share")
     p.add_argument("--no-progress", action="store_true")
@@ -231,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = {"command": "pretok train-tokenizer " + " ".join(argv), "data": a.data or "built-in sample images",
              "heldout_seed": None if a.data else HELDOUT_SEED, "torch": torch.__version__}
     summary = train_tokenizer(images, held, a.out, spec, progress=not a.no_progress, save_every=a.save_every,
-                              extra=extra)
+                              extra=extra, stop_after=a.stop_after)
     print(json.dumps(summary, indent=1))
     return 0
 
