@@ -54,7 +54,7 @@ class DemoSize:
 
 FULL = DemoSize(shards=8, images_per_shard=128, generator_steps=400, generator_batch=32, samples_per_class=16,
                 heldout=256, classifier_images=400, tokenizer_steps=TrainSpec().steps)
-QUICK = DemoSize(shards=2, images_per_shard=24, generator_steps=20, generator_batch=16, samples_per_class=4,
+QUICK = DemoSize(shards=2, images_per_shard=32, generator_steps=150, generator_batch=16, samples_per_class=8,
                  heldout=32, classifier_images=80, tokenizer_steps=5)
 GRID_COLUMNS = 8
 
