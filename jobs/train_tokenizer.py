@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +23,13 @@ from tqdm import tqdm
 from pipeline.decode import decode_record
 from pipeline.records import DecodedImage
 from pipeline.sources import iter_records, list_source
+from pipeline.synthetic_images import sample_images
 from tokenizer import build_tokenizer
 from tokenizer.transform import ImageTransform
 
 RESTART_EVERY = 50    # steps between dead-code restarts
 RESTART_UNTIL = 0.7   # fraction of training during which restarts happen
+HELDOUT_SEED = 1_000_003  # built-in held-out images: a seed no training run uses
 
 
 def small_titok_config(image_size: int, patch: int, tokens: int, codebook: int, width: int, depth: int) -> dict:
@@ -78,31 +83,91 @@ def restart_codes(tok, latents: torch.Tensor, dead: torch.Tensor, gen: torch.Gen
         tok.quantize.embedding.weight.data[dead] = latents[pick]
 
 
+def psnr(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images in [0, 1] (reconstructions clamped first)."""
+    mse = ((recon.clamp(0, 1) - target) ** 2).flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
+
+
+@torch.no_grad()
+def reconstruct(tok, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """images [M,3,R,R] in [0,1] -> encode to ids -> decode, clamped to [0,1]."""
+    out = [tok.decode_tokens(tok.encode(images[i:i + batch_size])).clamp(0, 1)
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out)
+
+
+def evaluate(tok, held: torch.Tensor) -> dict:
+    """Held-out PSNR (through the token ids, like a user decodes) and codebook usage."""
+    was_training = tok.training
+    tok.eval()
+    with torch.no_grad():
+        p = psnr(reconstruct(tok, held), held)
+        ids = torch.cat([tok.encode(held[i:i + 64]) for i in range(0, len(held), 64)])
+    tok.train(was_training)
+    return {"heldout_psnr_db": round(p.mean().item(), 2), "heldout_psnr_p10_db": round(p.quantile(0.1).item(), 2),
+            "heldout_images": len(held), "codes_used": int(ids.unique().numel())}
+
+
+def save_tokenizer(tok, config: dict, dest: Path) -> None:
+    """config.json + model.safetensors (float16: half the size, loads into float32 models)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().half().contiguous() for k, v in tok.state_dict().items()}, str(dest / "model.safetensors"))
+    (dest / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    image_size: int = 64
+    patch: int = 8
+    tokens: int = 64
+    codebook: int = 1024
+    width: int = 128
+    depth: int = 3
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 1e-3
+    seed: int = 0
+
+
 def train_tokenizer(
-    data: str, out: str, image_size: int = 32, patch: int = 8, tokens: int = 16, codebook: int = 256,
-    width: int = 96, depth: int = 2, steps: int = 1500, batch_size: int = 32, lr: float = 3e-4,
-    max_images: int = 4096, seed: int = 0, progress: bool = True, storage_options: dict | None = None,
+    images: torch.Tensor, held: torch.Tensor, out: str, spec: TrainSpec, progress: bool = True,
+    save_every: int = 0, extra: dict | None = None, stop_after: int = 0,
 ) -> dict:
-    """Train and save; returns a summary with the final reconstruction MSE and codebook usage."""
-    torch.manual_seed(seed)
-    images = load_images(data, image_size, max_images, storage_options).float() / 255
-    config = small_titok_config(image_size, patch, tokens, codebook, width, depth)
+    """Train on uint8 images [M,3,R,R], evaluate on ``held``, save; returns the summary (also in
+    ``train_summary.json``). ``save_every`` > 0 also saves (and evaluates) along the way;
+    ``stop_after`` > 0 ends there (the schedule still spans ``spec.steps``), saved as at a
+    ``save_every`` point, so a run stopped early by hand is reproduced exactly."""
+    torch.manual_seed(spec.seed)
+    images, held = images.float() / 255, held.float() / 255
+    config = small_titok_config(spec.image_size, spec.patch, spec.tokens, spec.codebook, spec.width, spec.depth)
     tok = build_tokenizer(config).train()
-    opt = torch.optim.AdamW(tok.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(tok.parameters(), lr=spec.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.steps, pct_start=0.05)
+    gen = torch.Generator().manual_seed(spec.seed)
+    dest = Path(out)
     t0 = time.time()
-    usage = torch.zeros(codebook, dtype=torch.long)
-    bar = tqdm(range(steps), desc="train tokenizer", disable=not progress, dynamic_ncols=True)
+    usage = torch.zeros(spec.codebook, dtype=torch.long)
+
+    def summary(step: int) -> dict:
+        s = {**asdict(spec), **evaluate(tok, held), "steps_done": step, "train_images": len(images),
+             "baseline_psnr_db": round(psnr(held.mean(0, keepdim=True).expand_as(held), held).mean().item(), 2),
+             "parameters": sum(p.numel() for p in tok.parameters()), "seconds": round(time.time() - t0, 1),
+             **(extra or {})}
+        save_tokenizer(tok, config, dest)
+        (dest / "train_summary.json").write_text(json.dumps(s, indent=1) + "\n")
+        return s
+
+    bar = tqdm(range(spec.steps), desc="train tokenizer", disable=not progress, dynamic_ncols=True)
     for step in bar:
-        idx = torch.randint(0, len(images), (batch_size,), generator=gen)
+        idx = torch.randint(0, len(images), (spec.batch_size,), generator=gen)
         batch = images[idx]
-        flip = torch.rand(batch_size, generator=gen) < 0.5
+        flip = torch.rand(spec.batch_size, generator=gen) < 0.5
         batch[flip] = batch[flip].flip(-1)
         recon, vq, ids, latents = vq_losses(tok, batch, beta=0.25)
-        usage += torch.bincount(ids.flatten(), minlength=codebook)
-        if step % RESTART_EVERY == 0 and step < RESTART_UNTIL * steps:
-            restart_codes(tok, latents, (usage == 0).nonzero().flatten() if step else torch.arange(codebook), gen)
+        usage += torch.bincount(ids.flatten(), minlength=spec.codebook)
+        if step % RESTART_EVERY == 0 and step < RESTART_UNTIL * spec.steps:
+            restart_codes(tok, latents, (usage == 0).nonzero().flatten() if step else torch.arange(spec.codebook), gen)
             usage.zero_()
             recon, vq, ids, _ = vq_losses(tok, batch, beta=0.25)
         loss = recon + vq
@@ -110,53 +175,70 @@ def train_tokenizer(
         loss.backward()
         opt.step()
         sched.step()
-        if step % 20 == 0 or step == steps - 1:
-            bar.set_postfix(recon=f"{recon.item():.4f}", codes=int(ids.unique().numel()))
+        if step % 20 == 0 or step == spec.steps - 1:
+            bar.set_postfix(psnr=f"{10 * math.log10(1 / max(recon.item(), 1e-10)):.1f}", codes=int(ids.unique().numel()))
+        if stop_after and step == stop_after:
+            tok.eval()
+            return summary(step)
+        if save_every and step and step % save_every == 0:
+            print(json.dumps(summary(step)), flush=True)
     tok.eval()
-    with torch.no_grad():
-        held = images[: min(256, len(images))]
-        recon, _, ids, _ = vq_losses(tok, held, beta=0.25)
-    dest = Path(out)
-    dest.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tok.state_dict().items()}, str(dest / "model.safetensors"))
-    (dest / "config.json").write_text(json.dumps(config, indent=1))
-    summary = {
-        "recon_mse": round(recon.item(), 5),
-        "baseline_mse": round(((held - held.mean(0)) ** 2).mean().item(), 5),
-        "codes_used": int(ids.unique().numel()),
-        "codebook_size": codebook,
-        "images": len(images),
-        "steps": steps,
-        "seconds": round(time.time() - t0, 1),
-    }
-    (dest / "train_summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    return summary(spec.steps)
+
+
+def sample_tensors(count: int, seed: int, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Built-in sample images as uint8 [M,3,R,R] and their labels."""
+    pixels, labels = sample_images(count, seed, image_size)
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pretok train-tokenizer", description=__doc__.split("\n\n")[0])
-    p.add_argument("data", help="image dataset (any format pretokenize reads)")
-    p.add_argument("out", help="checkpoint dir to write (config.json + model.safetensors)")
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--patch-size", type=int, default=8)
-    p.add_argument("--tokens", type=int, default=16, help="latent tokens per image")
-    p.add_argument("--codebook", type=int, default=256)
-    p.add_argument("--width", type=int, default=96)
-    p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--max-images", type=int, default=4096)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("data", nargs="?", help="image dataset (any format pretokenize reads); "
+                   "default: the built-in sample images (--samples of them, seeded by --seed)")
+    p.add_argument("out", help="checkpoint dir to write (config.json + model.safetensors + train_summary.json)")
+    p.add_argument("--samples", type=int, default=8192, help="built-in sample images to train on")
+    p.add_argument("--heldout", type=int, default=256, help="held-out images for the PSNR report")
+    d = TrainSpec()
+    p.add_argument("--image-size", type=int, default=d.image_size)
+    p.add_argument("--patch-size", type=int, default=d.patch)
+    p.add_argument("--tokens", type=int, default=d.tokens, help="latent tokens per image")
+    p.add_argument("--codebook", type=int, default=d.codebook)
+    p.add_argument("--width", type=int, default=d.width)
+    p.add_argument("--depth", type=int, default=d.depth)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--max-images", type=int, default=4096, help="images read from DATA")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--save-every", type=int, default=0, help="also save + evaluate every N steps (0: at the end)")
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="stop at this step, saved as at a --save-every point (the LR schedule still spans --steps)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); "
+                   "1 is much faster than 2 on a machine other jobs share")
+    p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     a = build_parser().parse_args(argv)
-    summary = train_tokenizer(
-        a.data, a.out, a.image_size, a.patch_size, a.tokens, a.codebook, a.width, a.depth,
-        a.steps, a.batch_size, a.lr, a.max_images, a.seed,
-    )
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    spec = TrainSpec(a.image_size, a.patch_size, a.tokens, a.codebook, a.width, a.depth, a.steps, a.batch_size,
+                     a.lr, a.seed)
+    if a.data:
+        images = load_images(a.data, a.image_size, a.max_images + a.heldout)
+        if len(images) <= a.heldout:
+            raise SystemExit(f"{a.data}: {len(images)} images, need more than --heldout {a.heldout}")
+        images, held = images[: -a.heldout], images[-a.heldout:]
+    else:
+        images, _ = sample_tensors(a.samples, a.seed, a.image_size)
+        held, _ = sample_tensors(a.heldout, HELDOUT_SEED, a.image_size)
+    extra = {"command": "pretok train-tokenizer " + " ".join(argv), "data": a.data or "built-in sample images",
+             "heldout_seed": None if a.data else HELDOUT_SEED, "torch": torch.__version__}
+    summary = train_tokenizer(images, held, a.out, spec, progress=not a.no_progress, save_every=a.save_every,
+                              extra=extra, stop_after=a.stop_after)
     print(json.dumps(summary, indent=1))
     return 0
 
