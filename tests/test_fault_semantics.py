@@ -122,7 +122,8 @@ def test_overwrite_replaces_only_its_split(cluster, clean, tok_dir, tmp_path):
     code, stdout, err = cli(val_b, out, "--tokenizer", tok_dir, "--split", "validation", "--overwrite", *ARGS)
     assert code == 0, err
     assert files_of(out, "train") == train, "overwriting validation touched train"
-    assert sorted(files_of(out, "validation")) == ["validation-00000-of-00001.json", "validation-00000-of-00001.parquet"]
+    assert sorted(files_of(out, "validation")) == ["validation-00000-of-00001.json", "validation-00000-of-00001.parquet",
+                                                        "validation-00000-of-00001.qa.png"]
     manifest = json.loads(Path(out, "pretok.json").read_text())
     assert sorted(manifest["splits"]) == ["train", "validation"] and manifest["splits"]["validation"]["num_shards"] == 1
     ds = load_dataset(str(out), cache_dir=str(tmp_path / "hf"))

@@ -52,7 +52,7 @@ def test_limit_run_then_full_run_equals_one_full_run_and_dry_runs_write_nothing(
     assert limited.ok and limited.exit_code == 0 and (limited.shards_total, limited.shards_written) == (SHARDS, 2)
     assert "limit    --limit-shards 2: only the first 2 of 4 shards" in limited.describe()
     names = [f"train-0000{i}-of-0000{SHARDS}" for i in range(2)]  # named among all shards, not "-of-00002"
-    assert sorted(p.stem for p in out.glob("data/*")) == names == sorted(p.stem for p in out.glob("stats/*"))
+    assert sorted(p.stem for p in out.glob("data/*")) == names == sorted(p.stem for p in out.glob("stats/*.json"))
     trial_files = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for d in ("data", "stats") for p in out.glob(f"{d}/*")}
 
     state = local_state(out)
@@ -70,7 +70,7 @@ def test_limit_run_then_full_run_equals_one_full_run_and_dry_runs_write_nothing(
     full = run_pretokenize(PretokenizeConfig(str(inp), str(out), tok_dir, **SIZING))
     assert full.ok and (full.shards_skipped_done, full.shards_written) == (2, 2), full.describe()
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in trial_files} == trial_files
-    runs = {s.index: s.run_id for s in (ShardStats.from_json(p.read_text()) for p in sorted(out.glob("stats/*")))}
+    runs = {s.index: s.run_id for s in (ShardStats.from_json(p.read_text()) for p in sorted(out.glob("stats/*.json")))}
     assert runs == {0: limited.run_id, 1: limited.run_id, 2: full.run_id, 3: full.run_id}
 
     clean = f"s3://{s3.bucket()}/clean"  # one full run, its dry run first: nothing appears on S3
