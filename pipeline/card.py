@@ -18,7 +18,7 @@ def render_card(manifest: dict, counts: dict[str, dict], reports: dict[str, list
     files = "\n".join(f"  - split: {s}\n    path: data/{s}-*.parquet" for s in splits)
     labels = manifest.get("label_names")
     rows = "\n".join(
-        f"| {s} | {c['done']}/{c['shards']} | {c['rows']} | {c['skipped']} | {_qa_cell(c['qa'])} |"
+        f"| {s} | {c['done']}/{c['shards']} | {c['rows']} | {c['skipped']} | {_qa_cell(c.get('qa'))} |"
         for s, c in sorted(counts.items())
     )
     return f"""---
@@ -89,7 +89,9 @@ Kept source columns (`--keep`; a value of another type is null, counted in `stat
 |---|---|---|
 {body}
 """
-def _qa_cell(qa: QASummary) -> str:
+def _qa_cell(qa: QASummary | None) -> str:
+    if qa is None:
+        return "-"
     if qa.count == 0:
         return qa.describe()
     return f"{qa.count} images: mean {qa.mean:.2f}, p5 {qa.p5:.2f}, p50 {qa.p50:.2f}, p95 {qa.p95:.2f}"
