@@ -16,7 +16,6 @@ import platform
 import shutil
 import sys
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.encoder import CONFIGS  # noqa: E402
+from bench.flextok_counts import best_of  # noqa: E402
 from pipeline.encode import encode_views  # noqa: E402
 from pipeline.qa import DEFAULT_QA_EVERY, ShardQA  # noqa: E402
 from pipeline.records import DecodedImage  # noqa: E402
@@ -34,14 +34,9 @@ FLEXTOK_REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "fl
 RELEASED_FLEXTOK_DECODE_X_ENCODE = 79.9  # bench/RESULTS.md, d18_d28: one decode (20 steps + VAE) / encode FLOPs
 
 
-def best_of(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+def warm_best_of(fn, reps: int) -> float:
+    fn()  # warm-up: kernels, allocator
+    return best_of(fn, reps)
 
 
 def images(n: int, size: int) -> list[DecodedImage]:
@@ -54,8 +49,8 @@ def measure(name: str, tok, batch: int, reps: int) -> dict:
     tok = tok.eval().requires_grad_(False)
     imgs = images(batch, tok.image_size)
     tokens = encode_views(tok, imgs, "fp32")
-    enc = best_of(lambda: encode_views(tok, imgs, "fp32"), reps) / batch
-    chk = best_of(lambda: ShardQA(tok, every=1).check(imgs, tokens), reps) / batch
+    enc = warm_best_of(lambda: encode_views(tok, imgs, "fp32"), reps) / batch
+    chk = warm_best_of(lambda: ShardQA(tok, every=1).check(imgs, tokens), reps) / batch
     return {"model": name, "encode_ms": 1e3 * enc, "check_ms": 1e3 * chk, "ratio": chk / enc}
 
 
