@@ -9,7 +9,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 from datasets import Value, load_dataset
 
@@ -31,14 +30,6 @@ VIEWS = "flip"
 STEPS = 4  # Euler steps of the token-count decodes (kept small for speed)
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # like the encoder actors: bit-identical floats
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    # address="local": a new cluster even when another local one runs (ray.init would join it).
-    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
 
 
 
