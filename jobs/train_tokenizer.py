@@ -83,6 +83,44 @@ def restart_codes(tok, latents: torch.Tensor, dead: torch.Tensor, gen: torch.Gen
         tok.quantize.embedding.weight.data[dead] = latents[pick]
 
 
+def routed_init(tok, gen: torch.Generator, patch_gain: float = 5.0, value_gain: float = 3.0) -> bool:
+    """Start layer 0 with position-matched attention: latent token i attends to patch i in the
+    encoder, and mask token i to latent token i in the decoder; returns False (and changes nothing)
+    unless there is one latent token per patch on both sides.
+
+    From the default init, every latent token averages all patches and the decoder outputs the
+    mean image for hundreds of steps. Positions are random vectors in the first half of the width
+    for patches and mask tokens, and the same vectors in the second half for the latent tokens;
+    layer 0's query reads one half and its key the other, so each token matches its partner and
+    not itself. The patch embedding and layer 0's value path are scaled up so that image content,
+    not position, dominates what gets routed.
+    """
+    enc, dec = tok.encoder, tok.decoder
+    n, (rows, w) = tok.latent_tokens.shape[0], enc.positional_embedding.shape
+    if rows - 1 != n or dec.positional_embedding.shape[0] - 1 != n or w % 2 or dec.width != w:
+        return False
+    half = w // 2
+    with torch.no_grad():
+        pos, zeros = torch.randn(n, half, generator=gen), torch.zeros(n, half)
+        tok.latent_tokens.zero_()
+        dec.mask_token.zero_()
+        for module in (enc, dec):
+            module.positional_embedding[1:] = torch.cat([pos, zeros], 1)
+            module.latent_token_positional_embedding[:] = torch.cat([zeros, pos], 1)
+        for attn, query_half in ((enc.transformer[0].attn, 1), (dec.transformer[0].attn, 0)):
+            proj = torch.randn(w, half, generator=gen) * 0.14  # self-match logit ~10: ~90% weight on the partner
+            q, k = torch.zeros(w, w), torch.zeros(w, w)
+            q[:, query_half * half:(query_half + 1) * half] = proj
+            k[:, (1 - query_half) * half:(2 - query_half) * half] = proj
+            attn.in_proj_weight[: 2 * w] = torch.cat([q, k])
+            attn.in_proj_bias[: 2 * w] = 0
+        enc.patch_embed.weight.mul_(patch_gain)
+        first = enc.transformer[0].attn
+        first.in_proj_weight[2 * w:].mul_(value_gain)
+        first.out_proj.weight.mul_(value_gain)
+    return True
+
+
 def psnr(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of images in [0, 1] (reconstructions clamped first)."""
     mse = ((recon.clamp(0, 1) - target) ** 2).flatten(1).mean(1)
@@ -118,16 +156,18 @@ def save_tokenizer(tok, config: dict, dest: Path) -> None:
 
 @dataclass(frozen=True)
 class TrainSpec:
+    """Defaults: the shipped demo tokenizer's recipe (jobs/demo_tokenizer/train_summary.json)."""
     image_size: int = 64
     patch: int = 8
     tokens: int = 64
     codebook: int = 1024
-    width: int = 128
-    depth: int = 3
-    steps: int = 1500
+    width: int = 96
+    depth: int = 2
+    steps: int = 6000
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 2e-3
     seed: int = 0
+    routed_init: bool = True
 
 
 def train_tokenizer(
@@ -142,6 +182,8 @@ def train_tokenizer(
     images, held = images.float() / 255, held.float() / 255
     config = small_titok_config(spec.image_size, spec.patch, spec.tokens, spec.codebook, spec.width, spec.depth)
     tok = build_tokenizer(config).train()
+    if spec.routed_init and not routed_init(tok, torch.Generator().manual_seed(spec.seed)):
+        print("train-tokenizer: routed init needs one latent token per patch; using the default init", file=sys.stderr)
     opt = torch.optim.AdamW(tok.parameters(), lr=spec.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(spec.seed)
@@ -149,11 +191,15 @@ def train_tokenizer(
     t0 = time.time()
     usage = torch.zeros(spec.codebook, dtype=torch.long)
 
+    history: list[dict] = []  # held-out PSNR at every evaluation: the training curve
+
     def summary(step: int) -> dict:
-        s = {**asdict(spec), **evaluate(tok, held), "steps_done": step, "train_images": len(images),
+        scores = evaluate(tok, held)
+        history.append({"step": step, "heldout_psnr_db": scores["heldout_psnr_db"]})
+        s = {**asdict(spec), **scores, "steps_done": step, "train_images": len(images),
              "baseline_psnr_db": round(psnr(held.mean(0, keepdim=True).expand_as(held), held).mean().item(), 2),
              "parameters": sum(p.numel() for p in tok.parameters()), "seconds": round(time.time() - t0, 1),
-             **(extra or {})}
+             **(extra or {}), "history": history}
         save_tokenizer(tok, config, dest)
         (dest / "train_summary.json").write_text(json.dumps(s, indent=1) + "\n")
         return s
@@ -209,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--no-routed-init", action="store_true",
+                   help="start from the default init (latent tokens not matched to patches; trains much slower)")
     p.add_argument("--max-images", type=int, default=4096, help="images read from DATA")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--save-every", type=int, default=0, help="also save + evaluate every N steps (0: at the end)")
@@ -226,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     spec = TrainSpec(a.image_size, a.patch_size, a.tokens, a.codebook, a.width, a.depth, a.steps, a.batch_size,
-                     a.lr, a.seed)
+                     a.lr, a.seed,
+                     routed_init=not a.no_routed_init)
     if a.data:
         images = load_images(a.data, a.image_size, a.max_images + a.heldout)
         if len(images) <= a.heldout:

@@ -55,7 +55,7 @@ def config(inp: str, out: str, tok_dir: str, **kw) -> PretokenizeConfig:
 def clean(dataset, tok_dir, tmp_path_factory) -> str:
     """The uninterrupted run every drill is compared with (on its own short-lived local cluster)."""
     out = str(tmp_path_factory.mktemp("clean") / "out")
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         assert run_pretokenize(config(dataset, out, tok_dir)).ok
     finally:
@@ -65,7 +65,7 @@ def clean(dataset, tok_dir, tmp_path_factory) -> str:
 
 @pytest.fixture
 def local_ray():
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
 
