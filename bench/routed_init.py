@@ -9,13 +9,19 @@ alike; the result is a per-step comparison, not a timing.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import multiprocessing as mp
 import platform
+import sys
 import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's packages, not bench/pipeline.py
 
 
 def _train(routed: bool, steps: int, every: int, samples: int) -> list[dict]:
@@ -25,7 +31,7 @@ def _train(routed: bool, steps: int, every: int, samples: int) -> list[dict]:
     spec = replace(TrainSpec(width=96, depth=2, lr=2e-3), steps=steps, routed_init=routed)
     images, _ = sample_tensors(samples, spec.seed, spec.image_size)
     held, _ = sample_tensors(256, HELDOUT_SEED, spec.image_size)
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):  # its per-save JSON lines
         return train_tokenizer(images, held, out, spec, progress=False, save_every=every)["history"]
 
 
