@@ -108,7 +108,7 @@ def routed_init(tok, gen: torch.Generator, patch_gain: float = 5.0, value_gain: 
             module.positional_embedding[1:] = torch.cat([pos, zeros], 1)
             module.latent_token_positional_embedding[:] = torch.cat([zeros, pos], 1)
         for attn, query_half in ((enc.transformer[0].attn, 1), (dec.transformer[0].attn, 0)):
-            proj = torch.randn(w, half, generator=gen) * 0.14  # self-match logit ~10: ~90% weight on the partner
+            proj = torch.randn(w, half, generator=gen) * 0.14  # partner logit ~10: ~90% of the weight, before the gains
             q, k = torch.zeros(w, w), torch.zeros(w, w)
             q[:, query_half * half:(query_half + 1) * half] = proj
             k[:, (1 - query_half) * half:(2 - query_half) * half] = proj
@@ -274,8 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     spec = TrainSpec(a.image_size, a.patch_size, a.tokens, a.codebook, a.width, a.depth, a.steps, a.batch_size,
-                     a.lr, a.seed,
-                     routed_init=not a.no_routed_init)
+                     a.lr, a.seed, routed_init=not a.no_routed_init)
     if a.data:
         images = load_images(a.data, a.image_size, a.max_images + a.heldout)
         if len(images) <= a.heldout:
