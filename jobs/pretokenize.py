@@ -155,11 +155,24 @@ def config_from_args(args: argparse.Namespace) -> PretokenizeConfig:
     )
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler that writes to ``sys.stderr`` as it is at each record, not as it was when the
+    handler was made (so a later ``main`` call, under a replaced and then closed stderr, still logs)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _log_to_stderr() -> None:
     """The driver's log (actor plan, warnings) on stderr, where `ray job logs` shows it."""
     log = logging.getLogger("pretok")
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s pretok %(levelname)s: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)

@@ -318,3 +318,22 @@ def test_missing_shards_fail_first_or_are_recorded_and_filled_later(cluster, tok
     assert all(p.stat().st_mtime_ns == t for p, t in written.items())
     assert "missing" not in json.loads(Path(out, "pretok.json").read_text())["splits"]["train"]
     assert load_dataset(out, split="train", cache_dir=str(tmp_path / "hf")).num_rows == 9
+
+
+def test_driver_log_follows_stderr_across_runs_in_one_process(monkeypatch):
+    """A second in-process run logs to the stderr of its own time, even after the first run's
+    stderr was closed (as pytest's capture, a notebook cell or a wrapper does)."""
+    import io
+    import logging
+
+    from jobs.pretokenize import _log_to_stderr
+
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    _log_to_stderr()
+    logging.getLogger("pretok").warning("first run")
+    first.close()
+    monkeypatch.setattr(sys, "stderr", second)
+    _log_to_stderr()
+    logging.getLogger("pretok").warning("second run")
+    assert "second run" in second.getvalue() and "Logging error" not in second.getvalue()
