@@ -39,9 +39,17 @@ def test_training_command_and_seed_are_recorded():
     assert summary["heldout_psnr_db"] >= PSNR_FLOOR_DB
 
 
-def _layer0_attention(block, x: torch.Tensor) -> torch.Tensor:
-    """Head-averaged softmax attention [B,N,N] of a ResidualAttentionBlock on its input x."""
-    y = block.ln_1(x)
+def _layer0_attention(block, run) -> torch.Tensor:
+    """Head-averaged softmax attention [B,N,N] of ResidualAttentionBlock ``block`` on the input the
+    model itself gives it while ``run()`` runs (caught by a forward pre-hook)."""
+    inputs = []
+    handle = block.register_forward_pre_hook(lambda _module, args: inputs.append(args[0]))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        handle.remove()
+    y = block.ln_1(inputs[0])
     b, n, w = y.shape
     heads = block.attn.num_heads
     q, k, _ = F.linear(y, block.attn.in_proj_weight, block.attn.in_proj_bias).view(b, n, 3, heads, w // heads).unbind(2)
@@ -54,18 +62,13 @@ def test_routed_init_matches_each_latent_token_to_its_patch():
     tok = build_tokenizer(small_titok_config(64, 8, 64, 1024, 96, 2))
     assert routed_init(tok, torch.Generator().manual_seed(0))
     images = sample_tensors(4, 0, 64)[0].float() / 255
-    enc, dec, g2 = tok.encoder, tok.decoder, 64
-    x = enc.patch_embed(images).flatten(2).transpose(1, 2)
-    x = torch.cat([enc.class_embedding.expand(4, -1, -1), x], 1) + enc.positional_embedding
-    lat = (tok.latent_tokens + enc.latent_token_positional_embedding).expand(4, -1, -1)
-    attn = _layer0_attention(enc.transformer[0], enc.ln_pre(torch.cat([x, lat], 1)))
+    g2 = 64  # patches = latent tokens = mask tokens; sequences are [cls, patches|masks, latents]
+    attn = _layer0_attention(tok.encoder.transformer[0], lambda: tok.encode(images))
     latent_to_patch = attn[:, 1 + g2:, 1:1 + g2]          # latent token i -> patch j
     # Most of the weight on the partner (uniform would be 1/129); image content dilutes it in the encoder.
     assert latent_to_patch.diagonal(dim1=1, dim2=2).mean() > 0.5
-    z = tok.quantize.lookup(tok.encode(images))
-    d = dec.decoder_embed(z.flatten(1, 2).transpose(1, 2)) + dec.latent_token_positional_embedding
-    masks = torch.cat([dec.class_embedding.expand(4, -1, -1), dec.mask_token.expand(4, g2, -1)], 1)
-    attn = _layer0_attention(dec.transformer[0], dec.ln_pre(torch.cat([masks + dec.positional_embedding, d], 1)))
+    ids = tok.encode(images)
+    attn = _layer0_attention(tok.decoder.transformer[0], lambda: tok.decode_tokens(ids))
     assert attn[:, 1:1 + g2, 1 + g2:].diagonal(dim1=1, dim2=2).mean() > 0.8   # mask token i -> latent token i
 
 
